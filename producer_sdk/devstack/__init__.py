@@ -1,0 +1,13 @@
+"""The local development stack behind `i2v dev` and the test fixtures."""
+
+from .process import BackgroundProcess
+from .stack import DevStack, ServiceStatus, StackConfig, default_state_dir, free_port
+
+__all__ = [
+    "BackgroundProcess",
+    "DevStack",
+    "ServiceStatus",
+    "StackConfig",
+    "default_state_dir",
+    "free_port",
+]

@@ -1,0 +1,67 @@
+"""Base model shared by every message: frozen, strict about unknown fields, versioned.
+
+Owns the model configuration and small field types. Must never do I/O.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum as StrEnum
+else:  # pragma: no cover - Python 3.10
+
+    class StrEnum(str, Enum):
+        """Backport of Python 3.11's StrEnum: members are their string values."""
+
+        def __str__(self) -> str:
+            return str(self.value)
+
+
+SCHEMA_VERSION: Literal[1] = 1
+"""The version of every message in this package; bumped on any breaking change."""
+
+
+class Message(BaseModel):
+    """Base of every message on the wire: immutable, unknown fields refused."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        populate_by_name=True,
+        use_enum_values=False,
+        ser_json_timedelta="float",
+        json_schema_serialization_defaults_required=False,
+    )
+
+
+def utcnow() -> datetime:
+    """Current time, timezone-aware in UTC (naive datetimes are refused on the wire)."""
+    return datetime.now(timezone.utc)
+
+
+def _no_control_chars(value: str) -> str:
+    if any(ord(ch) < 32 and ch not in "\t\n\r" for ch in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+SafeText = Annotated[str, AfterValidator(_no_control_chars)]
+"""Free text that may travel to logs and terminals: no control characters but tab/newline."""
+
+Timestamp = Annotated[
+    AwareDatetime,
+    Field(
+        description="RFC 3339 timestamp with a timezone offset.", examples=["2026-01-01T12:00:00Z"]
+    ),
+]
+
+SchemaVersion = Annotated[
+    Literal[1],
+    Field(description="Version of this message's schema.", examples=[1]),
+]

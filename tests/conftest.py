@@ -1,0 +1,105 @@
+"""Fixtures shared by every test: the local stack (or an external cluster) and fresh topics.
+
+The stack starts once per session, only when a test asks for it, on free loopback ports
+and in a private state directory, so it never collides with a developer's `i2v dev up`.
+Set KAFKA_BOOTSTRAP_SERVERS and/or MINIO_ENDPOINT (with MINIO_ACCESS_KEY, MINIO_SECRET_KEY)
+to run the same tests against a real cluster instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from producer_sdk.admin import create_topics
+from producer_sdk.devstack import DevStack, StackConfig, free_port
+from producer_sdk.settings import KafkaSettings, ObjectStoreSettings
+from schemas import TopicNames, topic_specs
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where the tests' Kafka and S3 live."""
+
+    kafka: KafkaSettings
+    s3: ObjectStoreSettings
+    stack: DevStack | None
+    """The local stack when the tests started one, None on an external cluster."""
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The broker and object store for integration tests, started once per session."""
+    external_kafka = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    external_s3 = os.environ.get("MINIO_ENDPOINT")
+    stack: DevStack | None = None
+    if not (external_kafka and external_s3):
+        stack = DevStack(
+            StackConfig(
+                state_dir=Path(tmp_path_factory.mktemp("stack")),
+                kafka_port=free_port(),
+                s3_port=free_port(),
+                partitions=4,
+                bucket=f"i2v-test-{uuid.uuid4().hex[:8]}",
+            )
+        )
+        stack.up()
+    c = stack.config if stack else None
+    kafka = (
+        KafkaSettings()
+        if external_kafka
+        else KafkaSettings(bootstrap_servers=c.bootstrap_servers if c else "")
+    )
+    s3 = (
+        ObjectStoreSettings()
+        if external_s3
+        else ObjectStoreSettings(
+            endpoint=c.s3_endpoint if c else "",
+            access_key=c.access_key if c else "",
+            secret_key=SecretStr(c.secret_key if c else ""),
+            bucket=c.bucket if c else "",
+        )
+    )
+    try:
+        yield Cluster(kafka=kafka, s3=s3, stack=stack)
+    finally:
+        if stack is not None:
+            stack.down()
+
+
+@pytest.fixture
+def kafka(cluster: Cluster) -> KafkaSettings:
+    """Connection settings of the test broker."""
+    return cluster.kafka
+
+
+@pytest.fixture
+def s3(cluster: Cluster) -> ObjectStoreSettings:
+    """Connection settings of the test object store (its bucket exists)."""
+    if cluster.stack is None:
+        from minio import Minio
+
+        client = Minio(
+            cluster.s3.endpoint,
+            cluster.s3.access_key,
+            cluster.s3.secret_key.get_secret_value(),
+            secure=cluster.s3.secure,
+        )
+        if not client.bucket_exists(cluster.s3.bucket):
+            client.make_bucket(cluster.s3.bucket)
+    return cluster.s3
+
+
+@pytest.fixture
+def topics(kafka: KafkaSettings) -> TopicNames:
+    """A fresh set of the six topics, unique to this test, so tests never see each other."""
+    names = TopicNames().with_suffix(f".t{uuid.uuid4().hex[:10]}")
+    asyncio.run(create_topics(kafka, topic_specs(names, partitions=4)))
+    return names
