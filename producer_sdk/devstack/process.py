@@ -42,9 +42,13 @@ class BackgroundProcess:
             pid = int(self.pid_file.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        cmdline = _cmdline(pid)
-        if _alive(pid) and (cmdline is None or self.marker in cmdline):
-            return pid
+        if pid in _CHILDREN:  # started by this very process: no need to recognise it
+            if _alive(pid):
+                return pid
+        elif _alive(pid):
+            cmdline = _cmdline(pid)
+            if cmdline is None or self.marker in cmdline:
+                return pid
         self.pid_file.unlink(missing_ok=True)
         return None
 
