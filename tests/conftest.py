@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -103,3 +104,19 @@ def topics(kafka: KafkaSettings) -> TopicNames:
     names = TopicNames().with_suffix(f".t{uuid.uuid4().hex[:10]}")
     asyncio.run(create_topics(kafka, topic_specs(names, partitions=4)))
     return names
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Wan2.1 I2V checkpoint in the diffusers layout, written once per session."""
+    from pipeline import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model_dir: Path) -> Any:
+    """The tiny model loaded once, as a worker loads it, on the CPU."""
+    from pipeline import WanI2V
+
+    return WanI2V.load(tiny_model_dir, device="cpu")

@@ -6,6 +6,7 @@ Owns the command tree. Commands import heavy or optional packages only when they
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
 from typing import Annotated
 
 import typer
@@ -24,6 +25,27 @@ app.add_typer(dev.app, name="dev")
 app.add_typer(topics.app, name="topics")
 app.command("asyncapi")(contract.asyncapi)
 app.command("schema")(contract.schema)
+
+
+def _add_plugins() -> None:
+    """Add the commands other packages register under the `i2v.commands` entry point.
+
+    The node and engine commands live with the code they run; this package never imports
+    them by name. Each plugin imports its heavy dependencies only when run.
+    """
+    for ep in entry_points(group="i2v.commands"):
+        try:
+            command = ep.load()
+        except ImportError as exc:  # a broken install: say so, keep the rest working
+            out.print(f"i2v: command {ep.name!r} unavailable ({exc})", style="red")
+            continue
+        if isinstance(command, typer.Typer):
+            app.add_typer(command, name=ep.name)
+        else:
+            app.command(ep.name)(command)
+
+
+_add_plugins()
 
 
 def _version(value: bool) -> None:

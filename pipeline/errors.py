@@ -1,0 +1,47 @@
+"""Errors the engine raises, each carrying its stable code and whether a retry may help.
+
+Owns the policy flags (`code`, `retryable`); callers decide from them, never from an
+isinstance ladder. Input errors and infrastructure errors are different classes.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class PipelineError(Exception):
+    """Base of every engine error. `code` matches the contract's error codes."""
+
+    code: ClassVar[str] = "internal"
+    retryable: ClassVar[bool] = False
+
+
+class InvalidRequest(PipelineError):
+    """The generation parameters are not acceptable; the message names the field."""
+
+    code = "invalid_request"
+
+
+class ImageInvalid(PipelineError):
+    """The input image is not a supported, decodable picture within the limits."""
+
+    code = "image_invalid"
+
+
+class ModelLoadError(PipelineError):
+    """MODEL_CKPT_DIR is missing, incomplete or holds weights we refuse to load."""
+
+    code = "internal"
+
+
+class OutOfMemory(PipelineError):
+    """The device ran out of memory; fewer frames or a smaller size may fit."""
+
+    code = "out_of_memory"
+    retryable = True
+
+
+class VideoEncodingError(PipelineError):
+    """Frames could not be encoded to MP4."""
+
+    code = "internal"

@@ -1,0 +1,132 @@
+"""Load Wan2.1 I2V from MODEL_CKPT_DIR in the diffusers layout, safetensors only.
+
+Owns checking the directory (every part present, no pickled weights) and placing each
+component on its device and dtype. Must never unpickle: pickled weights are refused
+before any loader sees the directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .devices import DeviceKind, default_dtype, detect_kind
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_PARTS = ("transformer", "vae", "text_encoder", "image_encoder")
+"""Subfolders that hold weights (`*.safetensors`, possibly sharded with an index)."""
+
+CONFIG_PARTS = {
+    "tokenizer": ("tokenizer_config.json",),
+    "image_processor": ("preprocessor_config.json",),
+    "scheduler": ("scheduler_config.json",),
+}
+"""Subfolders that hold only configuration, with the file each must contain."""
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+@dataclass
+class WanComponents:
+    """The loaded parts of the model, placed on their devices."""
+
+    tokenizer: Any
+    text_encoder: Any
+    image_processor: Any
+    image_encoder: Any
+    vae: Any
+    transformer: Any
+    scheduler_config: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+    text_device: torch.device
+    path: Path
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """Raise `ModelLoadError` naming the first missing part or pickled file; return the path."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ModelLoadError(
+            f"MODEL_CKPT_DIR {root} is not a directory; point it at a download of "
+            "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers (or run `i2v model tiny --out DIR`)"
+        )
+    for part in WEIGHT_PARTS:
+        folder = root / part
+        if not folder.is_dir():
+            raise ModelLoadError(f"MODEL_CKPT_DIR {root} has no {part}/ folder")
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise ModelLoadError(
+                f"{folder} holds pickled weights ({', '.join(pickled)}); only safetensors "
+                "are loaded, because unpickling can run code. Convert them to safetensors "
+                "and remove the pickled files"
+            )
+        if not any(folder.glob("*.safetensors")):
+            raise ModelLoadError(f"{folder} has no *.safetensors weights")
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{folder} has no config.json")
+    for part, files in CONFIG_PARTS.items():
+        for name in files:
+            if not (root / part / name).is_file():
+                raise ModelLoadError(f"MODEL_CKPT_DIR {root} is missing {part}/{name}")
+    return root
+
+
+def load_components(
+    path: str | Path,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    t5_cpu: bool = False,
+) -> WanComponents:
+    """Load every component once. The VAE and CLIP stay in fp32, as the reference does."""
+    import json
+
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
+
+    root = check_checkpoint(path)
+    kind: DeviceKind = detect_kind(device)
+    dtype = dtype or default_dtype(kind)
+    target = torch.device(kind, 0) if kind != "cpu" else torch.device("cpu")
+    text_device = torch.device("cpu") if t5_cpu else target
+    try:
+        tokenizer: Any = AutoTokenizer.from_pretrained(root / "tokenizer")
+        image_processor: Any = CLIPImageProcessor.from_pretrained(root / "image_processor")
+        text_encoder = _weights(UMT5EncoderModel, root / "text_encoder", dtype, text_device)
+        image_encoder = _weights(CLIPVisionModel, root / "image_encoder", torch.float32, target)
+        vae = _weights(AutoencoderKLWan, root / "vae", torch.float32, target)
+        transformer = _weights(WanTransformer3DModel, root / "transformer", dtype, target)
+        scheduler_config = json.loads(  # noqa: TID251 - a config file, not a message
+            (root / "scheduler" / "scheduler_config.json").read_text()
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not load the model from {root}: {exc}") from exc
+    for module in (text_encoder, image_encoder, vae, transformer):
+        module.eval().requires_grad_(False)
+    log.info("loaded %s on %s (%s), text encoder on %s", root, target, dtype, text_device)
+    return WanComponents(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        image_processor=image_processor,
+        image_encoder=image_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler_config=scheduler_config,
+        device=target,
+        dtype=dtype,
+        text_device=text_device,
+        path=root,
+    )
+
+
+def _weights(cls: Any, folder: Path, dtype: torch.dtype, device: torch.device) -> Any:
+    """One weight-bearing component, from safetensors only, on its device and dtype."""
+    return cls.from_pretrained(folder, dtype=dtype, use_safetensors=True).to(device)
