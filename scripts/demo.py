@@ -1,28 +1,38 @@
-"""Publish one job to the local stack and read it back as a worker would claim it.
+"""Submit one job to the local stack, claim it as a worker does, and render it to MP4.
 
-Run through `scripts/demo`, which starts the stack and exports its address first.
+Run through `scripts/demo`, which starts the stack, writes the tiny model and exports the
+settings first. The rendering uses the same mapping and engine as a worker node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
+import sys
 import uuid
+from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from consumer.generation import generation_request
+from pipeline import Generated, WanI2V, encode_mp4, prepare_image, write_poster
 from producer_sdk import KafkaSettings, TopicSettings
-from schemas import JOB_REQUEST_ADAPTER, WORKERS_GROUP, JobRequest
+from schemas import JOB_REQUEST_ADAPTER, WORKERS_GROUP, Base64Image, JobRequest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-async def main() -> None:
+async def submit_and_claim(image: bytes) -> JobRequest:
     kafka, topics = KafkaSettings(), TopicSettings().names()
     request = JobRequest(
         job_id=uuid.uuid4(),
-        prompt="A paper boat drifts down a rain-soaked street, reflections shimmering",
-        image={"url": "https://images.example.com/boat.jpg"},
+        prompt="She looks up from her desk and smiles, soft light, slow push-in",
+        image={"base64": base64.b64encode(image).decode()},
         quality_preset="fast",
-        image_size="832*480",
-        num_frames=41,
+        image_size="480*832",
+        num_frames=5,
+        seed=2024,
     )
     producer = AIOKafkaProducer(**kafka.client_kwargs(), acks="all")
     await producer.start()
@@ -48,16 +58,42 @@ async def main() -> None:
             claimed = JOB_REQUEST_ADAPTER.validate_json(record.value)
             await consumer.commit()
             if claimed.job_id == request.job_id:
-                break
+                print(f"claimed   {claimed.job_id} in group {WORKERS_GROUP}")
+                return claimed
     finally:
         await consumer.stop()
-    sampling = claimed.sampling()
+
+
+def render(job: JobRequest, model_dir: Path, out_dir: Path) -> Path:
+    assert isinstance(job.image, Base64Image)
+    image = prepare_image(job.image.decode(), job.image_size.width, job.image_size.height)
+    engine = WanI2V.load(model_dir)
+
+    def on_progress(phase: str, step: int, total: int) -> None:
+        print(f"\r  {phase:<16} {step}/{total}   ", end="", flush=True)
+
+    outcome = engine.generate(generation_request(job, image), on_progress=on_progress)
+    print()
+    assert isinstance(outcome, Generated)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    video = out_dir / f"{job.job_id}.mp4"
+    info = encode_mp4(outcome.frames, video, fps=job.fps)
+    write_poster(outcome.frames[0], video.with_suffix(".jpg"))
     print(
-        f"claimed  {claimed.job_id} in group {WORKERS_GROUP}: {claimed.image_size} x "
-        f"{claimed.num_frames} frames, {sampling.infer_steps} steps, cfg "
-        f"{sampling.guidance_scale}, {sampling.sample_solver}"
+        f"rendered  {video} ({info.width}x{info.height}, {info.num_frames} frames at "
+        f"{info.fps} fps, {info.size_bytes} bytes) and its poster; the tiny model's weights "
+        "are random, so the video shows no real picture: point MODEL_CKPT_DIR at the real "
+        "model for a real video"
     )
+    return video
+
+
+def main() -> None:
+    model_dir = Path(os.environ["MODEL_CKPT_DIR"])
+    image = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "examples/images/grace_hopper.jpg"
+    job = asyncio.run(submit_and_claim(image.read_bytes()))
+    render(job, model_dir, ROOT / ".i2v" / "demo")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -181,3 +181,44 @@ def test_an_unprepared_image_is_refused(engine: WanI2V) -> None:
     """The image must already be RGB at the target size: the engine never guesses a crop."""
     with pytest.raises(InvalidRequest, match="prepare_image"):
         engine.generate(_request(Image.new("RGBA", (96, 64))))
+
+
+@pytest.mark.slow
+def test_a_real_photo_becomes_a_decodable_mp4_through_the_public_api(
+    engine: WanI2V, tmp_path: Path
+) -> None:
+    """prepare_image, generate and encode_mp4 turn a JPEG photo into an H.264 video."""
+    from pipeline import encode_mp4, prepare_image, probe_mp4
+
+    photo = Path(__file__).resolve().parents[2] / "examples" / "images" / "grace_hopper.jpg"
+    image = prepare_image(photo.read_bytes(), 480, 832)
+    outcome = engine.generate(
+        GenerationRequest(
+            image=image,
+            prompt="she smiles",
+            width=480,
+            height=832,
+            num_frames=5,
+            infer_steps=2,
+            seed=0,
+        )
+    )
+    info = encode_mp4(_frames(outcome), tmp_path / "v.mp4", fps=16)
+    probed = probe_mp4(tmp_path / "v.mp4")
+    assert (probed.width, probed.height, probed.num_frames, probed.codec) == (480, 832, 5, "h264")
+    assert info.size_bytes == (tmp_path / "v.mp4").stat().st_size
+
+
+def test_out_of_memory_becomes_a_retryable_typed_error(
+    engine: WanI2V, small_image: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device OOM surfaces as OutOfMemory (code out_of_memory) with advice, not a crash."""
+    from pipeline import OutOfMemory
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(engine.c.transformer, "forward", boom)
+    with pytest.raises(OutOfMemory, match="fewer frames") as info:
+        engine.generate(_request(small_image))
+    assert (info.value.code, info.value.retryable) == ("out_of_memory", True)

@@ -1,0 +1,129 @@
+"""The engine on the CPU with the tiny model: seconds per phase, and what each cache saves.
+
+Run: `.venv/bin/python benchmarks/engine_cpu.py [--out benchmarks/results/engine_cpu.txt]`.
+Everything runs in one process, one configuration after another on the same loaded model,
+so the ratios against the uncached run hold even though absolute CPU times vary by machine.
+The tiny model's weights are random: the first-block cache's skip rate here says nothing
+about its rate on the real model, whose residuals change smoothly between steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline import (
+    AttentionCacheSpec,
+    FirstBlockCacheSpec,
+    Generated,
+    GenerationRequest,
+    Stopped,
+    WanI2V,
+    attention_reuse_schedule,
+    encode_mp4,
+    prepare_image,
+    write_tiny_model,
+)
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "images" / "grace_hopper.jpg"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration (min kept)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps (fast preset: 20)")
+    parser.add_argument("--out", type=Path, help="also write the report here")
+    args = parser.parse_args()
+    lines: list[str] = []
+
+    def say(text: str = "") -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = WanI2V.load(write_tiny_model(Path(tmp) / "tiny"), device="cpu")
+    threads = torch.get_num_threads()
+    say(f"# engine_cpu: tiny Wan2.1 I2V, torch {torch.__version__}, {threads} threads")
+
+    # 1. End to end at the demo's size: every phase a worker runs, image bytes to MP4 bytes.
+    data = EXAMPLE.read_bytes()
+    say(f"\n## end to end: 832x480, 5 frames, {args.steps} steps, cfg 2.5 (min of {args.repeats})")
+    best: dict[str, float] = {}
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        image = prepare_image(data, 832, 480)
+        phases = {"loading_inputs": time.perf_counter() - t0}
+        outcome = engine.generate(
+            GenerationRequest(
+                image=image,
+                prompt="she smiles and looks up",
+                width=832,
+                height=480,
+                num_frames=5,
+                infer_steps=args.steps,
+                guidance_scale=2.5,
+                seed=0,
+            )
+        )
+        assert isinstance(outcome, Generated)
+        phases.update(outcome.timings)
+        t0 = time.perf_counter()
+        encode_mp4(outcome.frames, io.BytesIO(), fps=16)
+        phases["encoding_video"] = time.perf_counter() - t0
+        phases["total"] = sum(phases.values())
+        best = {k: min(v, best.get(k, v)) for k, v in phases.items()}
+    for phase, seconds in best.items():
+        say(f"{phase:<16} {seconds:7.2f} s  {100 * seconds / best['total']:5.1f} %")
+
+    # 2. Denoising alone (decode skipped by stopping after the last step), per cache kind.
+    size, frames = (1280, 720), 9
+    say(f"\n## denoising only: {size[0]}x{size[1]}, {frames} frames, {args.steps} steps, cfg 2.5")
+    image = prepare_image(data, *size)
+    caches: list[tuple[str, object]] = [
+        ("none", None),
+        ("attention 12/4/37 (seed default)", AttentionCacheSpec(12, 4, 37)),
+        ("attention 2/4/19", AttentionCacheSpec(2, 4, 19)),
+        ("first_block 0.05", FirstBlockCacheSpec(0.05)),
+        ("first_block 0.2", FirstBlockCacheSpec(0.2)),
+    ]
+    baseline = None
+    say(f"{'cache':<34} {'seconds':>8} {'vs none':>8} {'reused':>7}")
+    for name, spec in caches:
+        times = []
+        reused = 0  # first_block decides per step at run time; not counted here
+        for _ in range(args.repeats):
+            done = {"step": 0}
+            outcome = engine.generate(
+                GenerationRequest(
+                    image=image,
+                    prompt="she smiles",
+                    width=size[0],
+                    height=size[1],
+                    num_frames=frames,
+                    infer_steps=args.steps,
+                    guidance_scale=2.5,
+                    seed=0,
+                    cache=spec,
+                ),  # type: ignore[arg-type]
+                on_progress=lambda p, s, t, d=done: d.update(step=s) if p == "denoising" else None,
+                should_stop=lambda d=done: d["step"] >= args.steps,
+            )
+            assert isinstance(outcome, Stopped)
+            times.append(outcome.timings["denoising"])
+        seconds = min(times)
+        baseline = baseline or seconds
+        if isinstance(spec, AttentionCacheSpec):
+            reused = sum(attention_reuse_schedule(spec, args.steps))
+        say(f"{name:<34} {seconds:8.2f} {baseline / seconds:7.2f}x {reused:>7}")
+
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
