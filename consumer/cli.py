@@ -140,3 +140,29 @@ def _progress() -> Progress:
         console=err,
         transient=False,
     )
+
+
+def worker() -> None:
+    """Run a worker node: claim jobs from Kafka, generate, store in MinIO, report events.
+
+    Configured by environment variables (MODEL_CKPT_DIR, KAFKA_BOOTSTRAP_SERVERS, MINIO_*,
+    NODE_ID, ...); `i2v dev up` prints the ones for the local stack.
+    """
+    from pipeline.cli import require_worker_extra
+
+    require_worker_extra("i2v worker")
+    from pydantic import ValidationError
+
+    from . import logs
+    from .settings import WorkerSettings
+    from .worker import serve
+
+    try:
+        settings = WorkerSettings()
+    except ValidationError as exc:
+        err.print(f"[red]invalid worker settings:[/] {exc}")
+        raise typer.Exit(2) from None
+    logs.configure(settings.node_id)
+    import asyncio
+
+    asyncio.run(serve(settings))

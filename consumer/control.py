@@ -1,0 +1,92 @@
+"""Cancels: every node follows the whole `i2v.control` topic, without a consumer group.
+
+Owns the set of cancelled job ids, read from the start of the topic and kept current.
+Must never block the loop or commit anything: it is a plain reader of a compacted topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+from uuid import UUID
+
+from pydantic import ValidationError
+
+from schemas import CANCEL_ADAPTER, CancelRequest
+
+log = logging.getLogger(__name__)
+
+
+class ControlWatcher:
+    """Follows `i2v.control`; `cancelled(job_id)` answers from memory."""
+
+    def __init__(self, kafka_kwargs: dict[str, Any], topic: str) -> None:
+        self.kafka_kwargs = kafka_kwargs
+        self.topic = topic
+        self._cancels: dict[UUID, CancelRequest] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._caught_up = asyncio.Event()
+        self._consumer: Any = None
+
+    def cancelled(self, job_id: UUID) -> CancelRequest | None:
+        return self._cancels.get(job_id)
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        """Start following and wait until the existing cancels are read."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(
+            **self.kafka_kwargs, enable_auto_commit=False, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        partitions = consumer.partitions_for_topic(self.topic)
+        if not partitions:
+            await consumer.stop()
+            raise RuntimeError(
+                f"topic {self.topic} does not exist; create the topics with `i2v topics create`"
+            )
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        self._consumer = consumer
+        self._task = asyncio.create_task(self._follow(ends), name="i2v-control")
+        await asyncio.wait_for(self._caught_up.wait(), timeout_s)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    async def _follow(self, ends: dict[Any, int]) -> None:
+        consumer = self._consumer
+        if all(end == 0 for end in ends.values()):
+            self._caught_up.set()
+        while True:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                for record in records:
+                    self._apply(record)
+            if not self._caught_up.is_set():
+                positions = {tp: await consumer.position(tp) for tp in ends}
+                if all(positions[tp] >= end for tp, end in ends.items()):
+                    self._caught_up.set()
+
+    def _apply(self, record: Any) -> None:
+        if record.value is None:  # a tombstone clears a cancel
+            with contextlib.suppress(ValueError):
+                self._cancels.pop(UUID(record.key.decode()), None)
+            return
+        try:
+            cancel = CANCEL_ADAPTER.validate_json(record.value)
+        except ValidationError:
+            log.warning(
+                "ignoring an undecodable cancel at %s offset %s", record.partition, record.offset
+            )
+            return
+        self._cancels[cancel.job_id] = cancel

@@ -1,0 +1,132 @@
+"""The node's settings, read once from the environment at the process edge.
+
+Owns every variable of DESIGN section 9 that a node reads, with the seed's defaults.
+Must never be read deep inside the service: `i2v worker` builds it and passes it down.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas import TopicNames
+
+
+class WorkerSettings(BaseSettings):
+    """Everything a worker node is configured with (environment names in capitals)."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, case_sensitive=False)
+
+    # -- the model and its layout (node-wide: a loaded model cannot change per job) --------
+    model_ckpt_dir: Path = Path("/data/models/modelscope/hub/Wan-AI/Wan2.1-I2V-14B-720P")
+    device: Literal["cuda", "npu", "cpu"] | None = None
+    t5_cpu: bool = False
+    dit_fsdp: bool = True
+    t5_fsdp: bool = False
+    vae_parallel: bool = True
+    ulysses_size: int = Field(8, ge=1)
+    cfg_size: int = Field(1, ge=1, le=2)
+    nproc: int | None = Field(None, ge=1, description="Ranks per lane [default: cards / lanes].")
+    lanes: int = Field(1, ge=1)
+    use_attention_cache: bool = False
+
+    # -- jobs ------------------------------------------------------------------------------
+    task_timeout: int = Field(1800, ge=1, description="Default run-time limit per job (s).")
+    max_attempts: int = Field(3, ge=1)
+    lease_s: float = Field(60.0, gt=0)
+    heartbeat_s: float = Field(15.0, gt=0)
+    shutdown_grace: float = Field(60.0, ge=0)
+    engine_stall_timeout: float = Field(600.0, gt=0)
+    engine_start_timeout: float = Field(1800.0, gt=0)
+    allowed_hosts: str = "*"
+    fetch_timeout_s: float = Field(20.0, gt=0)
+    max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    progress_interval_s: float = Field(0.5, ge=0, description="At most 2 progress events/s.")
+    work_dir: Path = Field(default_factory=lambda: Path("/tmp/i2v-worker"))
+
+    # -- node ------------------------------------------------------------------------------
+    node_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128)
+    server_host: str = "0.0.0.0"
+    server_port: int = Field(8088, ge=0, le=65535)
+    node_info_interval_s: float = Field(30.0, gt=0)
+
+    # -- Kafka -----------------------------------------------------------------------------
+    kafka_bootstrap_servers: str = "localhost:9092"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
+    kafka_ssl_password: SecretStr | None = None
+    kafka_heartbeat_interval_ms: int = Field(500, ge=100)
+    kafka_session_timeout_ms: int = Field(10000, ge=1000)
+    kafka_max_poll_interval_ms: int = Field(300000, ge=1000)
+    i2v_topic_requests: str = TopicNames().requests
+    i2v_topic_status: str = TopicNames().status
+    i2v_topic_progress: str = TopicNames().progress
+    i2v_topic_control: str = TopicNames().control
+    i2v_topic_dlq: str = TopicNames().dlq
+    i2v_topic_nodes: str = TopicNames().nodes
+    workers_group: str = "i2v-workers"
+
+    # -- object store ----------------------------------------------------------------------
+    minio_endpoint: str = "localhost:9000"
+    minio_access_key: str = "minioadmin"
+    minio_secret_key: SecretStr = SecretStr("minioadmin")
+    minio_bucket: str = "i2v-videos"
+    minio_secure: bool = False
+    minio_region: str | None = None
+    output_retention_days: int | None = Field(None, ge=1)
+    presign_expiry_s: int = Field(7 * 24 * 3600, ge=1, le=7 * 24 * 3600)
+
+    @model_validator(mode="after")
+    def _heartbeat_inside_lease(self) -> WorkerSettings:
+        if self.heartbeat_s >= self.lease_s:
+            raise ValueError(
+                f"HEARTBEAT_S ({self.heartbeat_s}) must be below LEASE_S ({self.lease_s}) "
+                "or leases expire between heartbeats"
+            )
+        return self
+
+    @property
+    def topics(self) -> TopicNames:
+        return TopicNames(
+            requests=self.i2v_topic_requests,
+            status=self.i2v_topic_status,
+            progress=self.i2v_topic_progress,
+            control=self.i2v_topic_control,
+            dlq=self.i2v_topic_dlq,
+            nodes=self.i2v_topic_nodes,
+        )
+
+    def kafka_kwargs(self) -> dict[str, Any]:
+        """Connection arguments for every aiokafka client of the node."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.kafka_bootstrap_servers.split(","),
+            "client_id": f"i2v-worker-{self.node_id}",
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_security_protocol in {"SSL", "SASL_SSL"}:
+            from aiokafka.helpers import create_ssl_context
+
+            kwargs["ssl_context"] = create_ssl_context(
+                cafile=self.kafka_ssl_cafile,
+                certfile=self.kafka_ssl_certfile,
+                keyfile=self.kafka_ssl_keyfile,
+                password=(
+                    self.kafka_ssl_password.get_secret_value() if self.kafka_ssl_password else None
+                ),
+            )
+        if self.kafka_security_protocol.startswith("SASL"):
+            kwargs["sasl_mechanism"] = self.kafka_sasl_mechanism
+            kwargs["sasl_plain_username"] = self.kafka_sasl_username
+            kwargs["sasl_plain_password"] = (
+                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+            )
+        return kwargs

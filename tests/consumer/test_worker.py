@@ -1,0 +1,306 @@
+"""A worker node end to end on the local stack with the tiny model: claim, run, store, report."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from minio import Minio
+
+from pipeline import probe_mp4
+from producer_sdk.settings import KafkaSettings, ObjectStoreSettings
+from schemas import (
+    JOB_EVENT_ADAPTER,
+    PROGRESS_ADAPTER,
+    CancelRequest,
+    JobRequest,
+    SucceededEvent,
+    TopicNames,
+)
+
+pytestmark = [pytest.mark.kafka, pytest.mark.minio, pytest.mark.slow]
+
+PHOTO = Path(__file__).resolve().parents[2] / "examples" / "images" / "grace_hopper.jpg"
+
+
+def _job(**fields: Any) -> JobRequest:
+    """A cheap job: the smallest size, 5 frames, 2 steps."""
+    base: dict[str, Any] = {
+        "job_id": str(uuid.uuid4()),
+        "prompt": "she smiles",
+        "image": {"base64": base64.b64encode(PHOTO.read_bytes()).decode()},
+        "image_size": "480*832",
+        "num_frames": 5,
+        "quality_preset": "custom",
+        "infer_steps": 2,
+        "guidance_scale": 2.0,
+        "seed": 1,
+        "metadata": {"suite": "worker"},
+    }
+    return JobRequest.model_validate({**base, **fields})
+
+
+@pytest.fixture(scope="module")
+def worker_topics(cluster: Any) -> TopicNames:
+    """Topics of this module's worker, fresh."""
+    from producer_sdk.admin import create_topics
+    from schemas import topic_specs
+
+    names = TopicNames().with_suffix(f".w{uuid.uuid4().hex[:8]}")
+    asyncio.run(create_topics(cluster.kafka, topic_specs(names, partitions=2)))
+    return names
+
+
+@pytest.fixture(scope="module")
+def worker(
+    cluster: Any,
+    worker_topics: TopicNames,
+    tiny_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`i2v worker` in its own process, configured only through the environment."""
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": cluster.kafka.bootstrap_servers,
+        "MINIO_ENDPOINT": cluster.s3.endpoint,
+        "MINIO_ACCESS_KEY": cluster.s3.access_key,
+        "MINIO_SECRET_KEY": cluster.s3.secret_key.get_secret_value(),
+        "MINIO_BUCKET": cluster.s3.bucket,
+        "MODEL_CKPT_DIR": str(tiny_model_dir),
+        "DEVICE": "cpu",
+        "NODE_ID": "test-node-1",
+        "WORKERS_GROUP": f"workers-{uuid.uuid4().hex[:6]}",
+        "WORK_DIR": str(tmp_path_factory.mktemp("work")),
+        "HEARTBEAT_S": "1",
+        "LEASE_S": "10",
+        "PROGRESS_INTERVAL_S": "0.1",
+        **{f"I2V_TOPIC_{role.upper()}": name for role, name in worker_topics},
+    }
+    log = tmp_path_factory.mktemp("logs") / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "i2v"), "worker"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 120
+    while b"claiming from" not in log.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"worker did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    yield proc
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    print(log.read_text()[-5000:])
+
+
+async def _publish(kafka: KafkaSettings, topic: str, value: bytes, key: bytes | None) -> None:
+    producer = AIOKafkaProducer(**kafka.client_kwargs(), acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
+async def _events(
+    kafka: KafkaSettings,
+    topic: str,
+    job_id: uuid.UUID,
+    timeout: float = 90.0,
+    until_final: bool = True,
+    adapter: Any = JOB_EVENT_ADAPTER,
+) -> list[Any]:
+    """Every event of `job_id` on `topic`, until the final one (or the timeout)."""
+    consumer = AIOKafkaConsumer(
+        topic, **kafka.client_kwargs(), auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    found: list[Any] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                for record in records:
+                    if record.key == str(job_id).encode():
+                        found.append(adapter.validate_json(record.value))
+            if until_final and found and found[-1].type in {"succeeded", "failed", "cancelled"}:
+                return found
+        return found
+    finally:
+        await consumer.stop()
+
+
+async def test_a_job_becomes_a_stored_video_with_events(
+    worker: Any, cluster: Any, worker_topics: TopicNames
+) -> None:
+    """A submitted job gets started, progress and succeeded; the MP4 and meta.json are stored."""
+    job = _job()
+    await _publish(cluster.kafka, worker_topics.requests, job.model_dump_json().encode(), job.key)
+    events = await _events(cluster.kafka, worker_topics.status, job.job_id)
+    types = [e.type for e in events]
+    assert types[0] == "started", types
+    assert types[-1] == "succeeded", types
+    assert [e.seq for e in events] == list(range(len(events)))
+    assert all(e.metadata == {"suite": "worker"} and e.node_id == "test-node-1" for e in events)
+    final = events[-1]
+    assert isinstance(final, SucceededEvent)
+    result = final.result
+    video = await asyncio.to_thread(lambda: urllib.request.urlopen(result.url, timeout=10).read())
+    assert len(video) == result.size_bytes
+    path = Path(f"/tmp/{job.job_id}.mp4")
+    path.write_bytes(video)
+    try:
+        info = probe_mp4(path)
+    finally:
+        path.unlink()
+    assert (info.width, info.height, info.num_frames) == (480, 832, 5)
+    assert (result.width, result.height, result.num_frames, result.fps) == (480, 832, 5, 16)
+    assert {"loading_inputs", "denoising", "decoding", "uploading", "total"} <= set(result.timings)
+
+    s3: ObjectStoreSettings = cluster.s3
+    client = Minio(s3.endpoint, s3.access_key, s3.secret_key.get_secret_value(), secure=False)
+    meta_raw = client.get_object(s3.bucket, f"jobs/{job.job_id}/meta.json").read()
+    from pydantic import TypeAdapter
+
+    meta = TypeAdapter(dict[str, Any]).validate_json(meta_raw)
+    assert meta["job_id"] == str(job.job_id)
+    assert meta["parameters"]["seed"] == 1
+    assert meta["parameters"]["infer_steps"] == 2
+    assert meta["request"]["prompt"] == "she smiles"
+    assert meta["request"]["image"] == {"base64_bytes": PHOTO.stat().st_size}
+    assert meta["result"]["sha256"] == result.sha256
+    assert "torch" in meta["versions"]
+
+    progress = await _events(
+        cluster.kafka,
+        worker_topics.progress,
+        job.job_id,
+        timeout=5,
+        until_final=False,
+        adapter=PROGRESS_ADAPTER,
+    )
+    phases = [p.phase for p in progress]
+    assert phases[0] == "loading_inputs"
+    assert phases[-1] == "uploading"
+    assert progress[-1].percent == 100.0
+    assert [p.step for p in progress if p.phase == "denoising"][-1] == 2
+
+
+async def test_poison_and_invalid_records_do_not_stop_the_next_job(
+    worker: Any, cluster: Any, worker_topics: TopicNames
+) -> None:
+    """Garbage goes to the DLQ, an invalid job fails naming its field, the next job succeeds."""
+    bad = _job()
+    invalid = bad.model_dump(mode="json") | {"num_frames": 80}
+    from pydantic import TypeAdapter
+
+    await _publish(cluster.kafka, worker_topics.requests, b"\x00not json at all", b"junk")
+    await _publish(
+        cluster.kafka,
+        worker_topics.requests,
+        TypeAdapter(dict[str, Any]).dump_json(invalid),
+        bad.key,
+    )
+    good = _job()
+    await _publish(cluster.kafka, worker_topics.requests, good.model_dump_json().encode(), good.key)
+
+    failed = await _events(cluster.kafka, worker_topics.status, bad.job_id)
+    assert [e.type for e in failed] == ["failed"]
+    assert failed[0].error.code == "invalid_request"
+    assert "num_frames" in failed[0].error.message
+    done = await _events(cluster.kafka, worker_topics.status, good.job_id)
+    assert done[-1].type == "succeeded"
+
+    dead = AIOKafkaConsumer(
+        worker_topics.dlq, **cluster.kafka.client_kwargs(), auto_offset_reset="earliest"
+    )
+    await dead.start()
+    try:
+        record = await asyncio.wait_for(dead.getone(), 10)
+    finally:
+        await dead.stop()
+    assert record.value == b"\x00not json at all"
+    headers = dict(record.headers)
+    assert headers["i2v-error-code"] == b"invalid_request"
+    assert headers["i2v-original-topic"] == worker_topics.requests.encode()
+
+
+async def test_cancel_while_queued_and_ttl_expiry_cost_no_compute(
+    worker: Any, cluster: Any, worker_topics: TopicNames
+) -> None:
+    """A job cancelled before it is claimed ends cancelled; one past its ttl ends expired."""
+    cancelled = _job()
+    cancel = CancelRequest(job_id=cancelled.job_id, reason="changed my mind")
+    await _publish(
+        cluster.kafka, worker_topics.control, cancel.model_dump_json().encode(), cancelled.key
+    )
+    await asyncio.sleep(1.0)
+    await _publish(
+        cluster.kafka, worker_topics.requests, cancelled.model_dump_json().encode(), cancelled.key
+    )
+    stale = _job(ttl_s=1, submitted_at="2020-01-01T00:00:00Z")
+    await _publish(
+        cluster.kafka, worker_topics.requests, stale.model_dump_json().encode(), stale.key
+    )
+
+    events = await _events(cluster.kafka, worker_topics.status, cancelled.job_id)
+    assert [e.type for e in events] == ["cancelled"]
+    assert events[0].reason == "changed my mind"
+    expired = await _events(cluster.kafka, worker_topics.status, stale.job_id)
+    assert [e.type for e in expired] == ["failed"]
+    assert expired[0].error.code == "expired"
+
+
+async def test_cancel_and_timeout_stop_a_running_job(
+    worker: Any, cluster: Any, worker_topics: TopicNames
+) -> None:
+    """A running job stops at its next step on cancel (cancelled) or past timeout_s (timeout)."""
+    long_job = _job(infer_steps=100)
+    await _publish(
+        cluster.kafka, worker_topics.requests, long_job.model_dump_json().encode(), long_job.key
+    )
+    progress = AIOKafkaConsumer(
+        worker_topics.progress, **cluster.kafka.client_kwargs(), auto_offset_reset="earliest"
+    )
+    await progress.start()
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            record = await asyncio.wait_for(progress.getone(), 90)
+            event = PROGRESS_ADAPTER.validate_json(record.value)
+            if event.job_id == long_job.job_id and event.phase == "denoising" and event.step >= 1:
+                break
+    finally:
+        await progress.stop()
+    cancel = CancelRequest(job_id=long_job.job_id, reason="stop it")
+    await _publish(
+        cluster.kafka, worker_topics.control, cancel.model_dump_json().encode(), long_job.key
+    )
+    events = await _events(cluster.kafka, worker_topics.status, long_job.job_id)
+    assert events[-1].type == "cancelled"
+    assert "succeeded" not in [e.type for e in events]
+
+    slow = _job(infer_steps=100, timeout_s=4)
+    await _publish(cluster.kafka, worker_topics.requests, slow.model_dump_json().encode(), slow.key)
+    events = await _events(cluster.kafka, worker_topics.status, slow.job_id)
+    assert events[-1].type == "failed"
+    assert events[-1].error.code == "timeout"
+    assert "timeout_s=4" in events[-1].error.message
