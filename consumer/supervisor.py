@@ -26,9 +26,13 @@ from pipeline.request import AttentionCacheSpec
 from schemas import (
     JOB_REQUEST_ADAPTER,
     Base64Image,
+    DeviceKind,
     ErrorCode,
     ErrorInfo,
     JobRequest,
+    Layout,
+    NodeInfo,
+    NodeState,
     Phase,
     RequeueReason,
     describe_validation_error,
@@ -52,6 +56,8 @@ from .events import Emitter
 from .fetch import FetchPolicy
 from .generation import generation_request
 from .inputs import image_bytes
+from .metrics import Metrics
+from .ops import start as start_ops
 from .settings import WorkerSettings
 from .storage import ResultStore
 
@@ -105,7 +111,13 @@ class Supervisor:
         self._node_cache = AttentionCacheSpec() if settings.use_attention_cache else None
         self.emitter: Emitter | None = None
         self.control: ControlWatcher | None = None
+        self.metrics = Metrics()
+        self.ops_url: str | None = None
         self._producer: Any = None
+
+    def layout(self) -> Layout:
+        """The layout this lane's engine actually runs (one rank until multi-card lands)."""
+        return Layout(nproc=1, lanes=1, t5_cpu=self.settings.t5_cpu)
 
     def stop(self) -> None:
         """Stop claiming; the running job (if any) finishes first."""
@@ -123,6 +135,9 @@ class Supervisor:
         self.emitter = Emitter(self._producer, self.topics, s.node_id, s.progress_interval_s)
         self.control = ControlWatcher(kafka, self.topics.control)
         consumer = None
+        ops = await start_ops(self, s.server_host, s.server_port)
+        self.ops_url = _url_of(ops, s.server_host)
+        announcer = asyncio.create_task(self._announce(), name="i2v-node-info")
         try:
             await self.control.start()
             await self.store.ensure_bucket()
@@ -147,11 +162,15 @@ class Supervisor:
                     await self._serve(consumer, record)
         finally:
             self.ready.clear()
+            announcer.cancel()
             if consumer is not None:
                 await consumer.stop()
             await self.control.stop()
             await self.engine.close()
+            with contextlib.suppress(Exception):
+                await self.emitter.node_info(self._node_info(NodeState.STOPPED))
             await self._producer.stop()
+            await ops.cleanup()
 
     async def _serve(self, consumer: Any, record: Any) -> None:
         """Run one record's job with every partition paused, then commit past it."""
@@ -189,11 +208,13 @@ class Supervisor:
         if job is None:
             return
         self.stats.current = job
+        self.metrics.in_flight.inc()
         try:
             await self._run(job)
         except EngineDied as exc:
             log.error("engine failure during job %s: %s; restarting it", job.job_id, exc)
             await self._requeue(job, RequeueReason.ENGINE_FAILURE, exc.info())
+            self.metrics.engine_restarts.inc()
             await self.engine.restart()
         except JobError as exc:
             await self._fail(job, exc)
@@ -202,6 +223,7 @@ class Supervisor:
             await self._fail(job, InternalError("the node hit an unexpected error; see its logs"))
         finally:
             self.stats.current = None
+            self.metrics.in_flight.dec()
 
     async def _decode(self, record: Any) -> JobRequest | None:
         """The record's job, or None after dead-lettering or failing what cannot run."""
@@ -214,11 +236,12 @@ class Supervisor:
             ident = _IDENTITY.validate_json(record.value or b"")
         except ValidationError:
             await self._dead_letter(record, reason)
-            self.stats.count("dead_lettered")
+            self._ended("dead_lettered")
+            self.metrics.dead_letters.inc()
             return None
         error = ErrorInfo(code=ErrorCode.INVALID_REQUEST, message=reason, retryable=False)
         await self.emitter.failed_for(ident.job_id, ident.attempt, error, ident.metadata)
-        self.stats.count(ErrorCode.INVALID_REQUEST.value)
+        self._ended("failed", ErrorCode.INVALID_REQUEST.value)
         log.info("job %s refused: %s", ident.job_id, reason)
         return None
 
@@ -229,7 +252,7 @@ class Supervisor:
         cancel = self.control.cancelled(job.job_id)
         if cancel is not None:
             await emitter.cancelled(job, cancel.reason)
-            self.stats.count("cancelled")
+            self._ended("cancelled")
             return
         if job.expires_at is not None and utcnow() > job.expires_at:
             waited = (utcnow() - job.submitted_at).total_seconds()
@@ -238,7 +261,7 @@ class Supervisor:
         if previous is not None and "result" in previous:
             # An earlier attempt finished: report it again instead of computing it again.
             await emitter.succeeded(job, await self.store.reissue(previous))
-            self.stats.count("succeeded")
+            self._ended("succeeded")
             return
 
         claimed = time.monotonic()
@@ -301,13 +324,19 @@ class Supervisor:
             )
             await self._progress(job, Phase.UPLOADING, 1, 1)
             await emitter.succeeded(job, result)
-            self.stats.count("succeeded")
+            self._ended("succeeded")
+            for phase, seconds in result.timings.items():
+                if phase == "queue_wait":
+                    self.metrics.queue_wait.observe(seconds)
+                elif phase != "total":
+                    self.metrics.phase_seconds.labels(phase=phase).observe(seconds)
+            self.metrics.uploaded_bytes.inc(result.size_bytes)
             log.info(
                 "job %s succeeded: %s (%.1f s)", job.job_id, result.key, time.monotonic() - claimed
             )
         except Cancelled as exc:
             await emitter.cancelled(job, str(exc))
-            self.stats.count("cancelled")
+            self._ended("cancelled")
         finally:
             heartbeats.cancel()
             if watcher is not None:
@@ -315,6 +344,47 @@ class Supervisor:
             await asyncio.to_thread(shutil.rmtree, out_dir, True)
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _ended(self, outcome: str, code: str = "") -> None:
+        self.stats.count(f"{outcome}:{code}" if code else outcome)
+        self.metrics.ended(outcome, code)
+
+    async def _announce(self) -> None:
+        """Write this node's NodeInfo to i2v.nodes now and every NODE_INFO_INTERVAL_S."""
+        assert self.emitter is not None
+        while True:
+            state = (
+                NodeState.BUSY
+                if self.stats.current is not None
+                else NodeState.READY
+                if self.ready.is_set()
+                else NodeState.DRAINING
+                if self._stopping.is_set()
+                else NodeState.STARTING
+            )
+            try:
+                await self.emitter.node_info(self._node_info(state))
+            except Exception as exc:
+                log.warning("node info not sent: %s", exc)
+            await asyncio.sleep(self.settings.node_info_interval_s)
+
+    def _node_info(self, state: NodeState) -> NodeInfo:
+        outcomes = self.stats.outcomes
+        return NodeInfo(
+            node_id=self.settings.node_id,
+            hostname=platform.node(),
+            version=_versions().get("i2v-fleet", "unknown"),
+            state=state,
+            device=DeviceKind(self.engine.device.split(":")[0] or "cpu")
+            if self.engine.device
+            else DeviceKind.CPU,
+            layout=self.layout(),
+            current_jobs=[self.stats.current.job_id] if self.stats.current else [],
+            jobs_succeeded=outcomes.get("succeeded", 0),
+            jobs_failed=sum(v for k, v in outcomes.items() if k.startswith("failed")),
+            uptime_s=time.monotonic() - self.stats.started_at,
+            ops_url=self.ops_url,
+        )
 
     async def _load_image(self, job: JobRequest) -> Any:
         from pipeline import ImageInvalid, InvalidRequest, prepare_image
@@ -361,7 +431,7 @@ class Supervisor:
     async def _fail(self, job: JobRequest, exc: JobError) -> None:
         assert self.emitter is not None
         await self.emitter.failed(job, exc.info())
-        self.stats.count(exc.code.value)
+        self._ended("failed", exc.code.value)
         log.info("job %s failed (%s): %s", job.job_id, exc.code.value, exc)
 
     async def _requeue(self, job: JobRequest, reason: RequeueReason, error: ErrorInfo) -> None:
@@ -385,7 +455,7 @@ class Supervisor:
             headers=[(wire.HEADER_SCHEMA_VERSION, b"1")],
         )
         await self.emitter.requeued(job, reason, error)
-        self.stats.count("requeued")
+        self._ended("requeued", reason.value)
 
     async def _dead_letter(self, record: Any, reason: str) -> None:
         headers = [
@@ -463,3 +533,12 @@ def _versions() -> dict[str, str]:
         with contextlib.suppress(PackageNotFoundError):
             found[package] = version(package)
     return found
+
+
+def _url_of(runner: Any, host: str) -> str | None:
+    """The ops server's base URL as others can reach it (the bound port, a routable host)."""
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            shown = platform.node() if host in ("0.0.0.0", "::", "") else host
+            return f"http://{shown}:{address[1]}"
+    return None

@@ -1,7 +1,7 @@
-"""Submit one job to the local stack, claim it as a worker does, and render it to MP4.
+"""The local demo: a worker, a job with a sample photo, progress, and the finished MP4.
 
-Run through `scripts/demo`, which starts the stack, writes the tiny model and exports the
-settings first. The rendering uses the same mapping and engine as a worker node.
+Run through `scripts/demo`, which sets up .venv, starts the local stack, writes the tiny
+model and exports the settings first. Everything here goes through Kafka and MinIO.
 """
 
 from __future__ import annotations
@@ -9,90 +9,160 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from consumer.generation import generation_request
-from pipeline import Generated, WanI2V, encode_mp4, prepare_image, write_poster
 from producer_sdk import KafkaSettings, TopicSettings
-from schemas import JOB_REQUEST_ADAPTER, WORKERS_GROUP, Base64Image, JobRequest
+from schemas import JOB_EVENT_ADAPTER, PROGRESS_ADAPTER, JobRequest, SucceededEvent
 
 ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / ".i2v" / "demo"
+console = Console(highlight=False)
 
 
-async def submit_and_claim(image: bytes) -> JobRequest:
+def start_worker() -> tuple[subprocess.Popen[bytes], int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    OUT.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "NODE_ID": "demo-node",
+        "SERVER_HOST": "127.0.0.1",
+        "SERVER_PORT": str(port),
+        "WORK_DIR": str(OUT / "work"),
+    }
+    log = open(OUT / "worker.log", "wb")  # noqa: SIM115 - the worker writes to it after we return
+    worker = subprocess.Popen(
+        [str(Path(sys.executable).parent / "i2v"), "worker"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    with console.status("starting the worker (loading the model) ..."):
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if worker.poll() is not None:
+                sys.exit(f"the worker exited; see {OUT / 'worker.log'}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
+                    console.print(
+                        f"worker ready (ops: http://127.0.0.1:{port}/info, "
+                        f"log: {OUT / 'worker.log'})"
+                    )
+                    return worker, port
+            except OSError:
+                time.sleep(0.5)
+    sys.exit("the worker did not become ready in 5 minutes")
+
+
+async def submit_and_follow(photo: bytes) -> SucceededEvent | None:
     kafka, topics = KafkaSettings(), TopicSettings().names()
-    request = JobRequest(
+    job = JobRequest(
         job_id=uuid.uuid4(),
         prompt="She looks up from her desk and smiles, soft light, slow push-in",
-        image={"base64": base64.b64encode(image).decode()},
+        image={"base64": base64.b64encode(photo).decode()},
         quality_preset="fast",
         image_size="480*832",
-        num_frames=5,
+        num_frames=9,
         seed=2024,
+        metadata={"source": "demo"},
     )
+    follower = AIOKafkaConsumer(
+        topics.status, topics.progress, **kafka.client_kwargs(), auto_offset_reset="latest"
+    )
+    await follower.start()
+    await follower.seek_to_end()
     producer = AIOKafkaProducer(**kafka.client_kwargs(), acks="all")
     await producer.start()
     try:
         sent = await producer.send_and_wait(
-            topics.requests, request.model_dump_json().encode(), key=request.key
+            topics.requests, job.model_dump_json().encode(), key=job.key
         )
     finally:
         await producer.stop()
-    print(f"submitted {request.job_id} to {topics.requests}[{sent.partition}]@{sent.offset}")
-
-    consumer = AIOKafkaConsumer(
-        topics.requests,
-        **kafka.client_kwargs(),
-        group_id=WORKERS_GROUP,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
+    console.print(
+        f"submitted job {job.job_id} ({job.image_size}, {job.num_frames} frames, "
+        f"preset {job.quality_preset.value}) to {topics.requests}[{sent.partition}]"
     )
-    await consumer.start()
+    columns = (
+        TextColumn("{task.description:<16}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TextColumn("{task.fields[detail]}"),
+        TimeRemainingColumn(),
+    )
     try:
-        while True:
-            record = await asyncio.wait_for(consumer.getone(), timeout=60)
-            claimed = JOB_REQUEST_ADAPTER.validate_json(record.value)
-            await consumer.commit()
-            if claimed.job_id == request.job_id:
-                print(f"claimed   {claimed.job_id} in group {WORKERS_GROUP}")
-                return claimed
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task("queued", total=100, detail="")
+            while True:
+                batch = await follower.getmany(timeout_ms=500)
+                for records in batch.values():
+                    for record in records:
+                        if record.key != job.key:
+                            continue
+                        if record.topic == topics.progress:
+                            p = PROGRESS_ADAPTER.validate_json(record.value)
+                            bar.update(
+                                task,
+                                description=p.phase.value,
+                                completed=p.percent,
+                                detail=f"{p.step}/{p.total_steps}",
+                            )
+                            continue
+                        event = JOB_EVENT_ADAPTER.validate_json(record.value)
+                        if event.type == "started":
+                            bar.update(task, description="started", detail=event.node_id)
+                        elif isinstance(event, SucceededEvent):
+                            bar.update(task, completed=100, description="succeeded", detail="")
+                            return event
+                        elif event.type in {"failed", "cancelled"}:
+                            console.print(
+                                f"[red]job {event.type}:[/] {getattr(event, 'error', '')}"
+                            )
+                            return None
     finally:
-        await consumer.stop()
-
-
-def render(job: JobRequest, model_dir: Path, out_dir: Path) -> Path:
-    assert isinstance(job.image, Base64Image)
-    image = prepare_image(job.image.decode(), job.image_size.width, job.image_size.height)
-    engine = WanI2V.load(model_dir)
-
-    def on_progress(phase: str, step: int, total: int) -> None:
-        print(f"\r  {phase:<16} {step}/{total}   ", end="", flush=True)
-
-    outcome = engine.generate(generation_request(job, image), on_progress=on_progress)
-    print()
-    assert isinstance(outcome, Generated)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    video = out_dir / f"{job.job_id}.mp4"
-    info = encode_mp4(outcome.frames, video, fps=job.fps)
-    write_poster(outcome.frames[0], video.with_suffix(".jpg"))
-    print(
-        f"rendered  {video} ({info.width}x{info.height}, {info.num_frames} frames at "
-        f"{info.fps} fps, {info.size_bytes} bytes) and its poster; the tiny model's weights "
-        "are random, so the video shows no real picture: point MODEL_CKPT_DIR at the real "
-        "model for a real video"
-    )
-    return video
+        await follower.stop()
 
 
 def main() -> None:
-    model_dir = Path(os.environ["MODEL_CKPT_DIR"])
-    image = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "examples/images/grace_hopper.jpg"
-    job = asyncio.run(submit_and_claim(image.read_bytes()))
-    render(job, model_dir, ROOT / ".i2v" / "demo")
+    photo = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "examples/images/grace_hopper.jpg"
+    worker, _ = start_worker()
+    try:
+        event = asyncio.run(submit_and_follow(photo.read_bytes()))
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(60)
+    if event is None:
+        sys.exit(1)
+    result = event.result
+    video = OUT / f"{event.job_id}.mp4"
+    with urllib.request.urlopen(result.url, timeout=30) as response:
+        video.write_bytes(response.read())
+    timings = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
+    console.print(
+        f"saved {video} ({result.width}x{result.height}, {result.num_frames} frames at "
+        f"{result.fps} fps, {result.size_bytes} bytes)\n  timings: {timings}\n"
+        f"  presigned URL (valid until {result.url_expires_at:%Y-%m-%d %H:%M} UTC):\n"
+        f"  {result.url}"
+    )
+    console.print(
+        "\nThe tiny model has random weights, so the video shows no real picture. For a real "
+        "one, run ./scripts/demo again with MODEL_CKPT_DIR set to a download of "
+        "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers; set KAFKA_BOOTSTRAP_SERVERS (and MINIO_ENDPOINT, "
+        "MINIO_ACCESS_KEY, MINIO_SECRET_KEY, MINIO_BUCKET) to use your own Kafka and MinIO "
+        "instead of the local stack. Stop the local stack with `.venv/bin/i2v dev down`."
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -19,9 +20,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from minio import Minio
 
 from pipeline import probe_mp4
+from producer_sdk.devstack import free_port
 from producer_sdk.settings import KafkaSettings, ObjectStoreSettings
 from schemas import (
     JOB_EVENT_ADAPTER,
+    NODE_INFO_ADAPTER,
     PROGRESS_ADAPTER,
     CancelRequest,
     JobRequest,
@@ -31,6 +34,7 @@ from schemas import (
 
 pytestmark = [pytest.mark.kafka, pytest.mark.minio, pytest.mark.slow]
 
+OPS_PORT = free_port()
 PHOTO = Path(__file__).resolve().parents[2] / "examples" / "images" / "grace_hopper.jpg"
 
 
@@ -85,6 +89,12 @@ def worker(
         "HEARTBEAT_S": "1",
         "LEASE_S": "10",
         "PROGRESS_INTERVAL_S": "0.1",
+        "SERVER_HOST": "127.0.0.1",
+        "SERVER_PORT": str(OPS_PORT),
+        "NODE_INFO_INTERVAL_S": "2",
+        # Far below a job's run time: the worker must stay a member while it computes.
+        "KAFKA_MAX_POLL_INTERVAL_MS": "3000",
+        "KAFKA_SESSION_TIMEOUT_MS": "6000",
         **{f"I2V_TOPIC_{role.upper()}": name for role, name in worker_topics},
     }
     log = tmp_path_factory.mktemp("logs") / "worker.log"
@@ -304,3 +314,114 @@ async def test_cancel_and_timeout_stop_a_running_job(
     assert events[-1].type == "failed"
     assert events[-1].error.code == "timeout"
     assert "timeout_s=4" in events[-1].error.message
+
+
+def _engine_pid(worker: subprocess.Popen[bytes]) -> int:
+    """The worker's engine process (its spawned child that is not a resource tracker)."""
+    children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
+    for pid in children:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"multiprocessing" in cmdline and b"resource_tracker" not in cmdline:
+            return int(pid)
+    raise AssertionError(f"no engine process among {children}")
+
+
+async def _wait_for_step(kafka: KafkaSettings, topic: str, job_id: uuid.UUID, step: int) -> None:
+    consumer = AIOKafkaConsumer(topic, **kafka.client_kwargs(), auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        while True:
+            record = await asyncio.wait_for(consumer.getone(), 90)
+            event = PROGRESS_ADAPTER.validate_json(record.value)
+            if event.job_id == job_id and event.phase == "denoising" and event.step >= step:
+                return
+    finally:
+        await consumer.stop()
+
+
+async def test_a_job_longer_than_max_poll_interval_runs_once(
+    worker: Any, cluster: Any, worker_topics: TopicNames
+) -> None:
+    """A job running well past max_poll_interval_ms is not redelivered: one start, one success."""
+    job = _job(infer_steps=40)
+    started = time.monotonic()
+    await _publish(cluster.kafka, worker_topics.requests, job.model_dump_json().encode(), job.key)
+    events = await _events(cluster.kafka, worker_topics.status, job.job_id, timeout=120)
+    assert time.monotonic() - started > 3.0 * 2  # the job outlasted the poll interval twice
+    assert [e.type for e in events if e.type != "heartbeat"] == ["started", "succeeded"]
+    await asyncio.sleep(4)  # a redelivery would show up as a second start by now
+    again = await _events(cluster.kafka, worker_topics.status, job.job_id, timeout=3)
+    assert [e.type for e in again].count("started") == 1
+
+
+@pytest.mark.chaos
+async def test_a_killed_engine_is_restarted_and_the_job_retried(
+    worker: Any, cluster: Any, worker_topics: TopicNames
+) -> None:
+    """Killing the engine mid-job requeues the job as attempt 2, which then succeeds."""
+    job = _job(infer_steps=30)
+    await _publish(cluster.kafka, worker_topics.requests, job.model_dump_json().encode(), job.key)
+    await _wait_for_step(cluster.kafka, worker_topics.progress, job.job_id, 2)
+    os.kill(_engine_pid(worker), 9)
+
+    events = await _events(
+        cluster.kafka, worker_topics.status, job.job_id, timeout=5, until_final=False
+    )
+    deadline = time.monotonic() + 150
+    while not any(e.type == "succeeded" for e in events) and time.monotonic() < deadline:
+        events = await _events(
+            cluster.kafka, worker_topics.status, job.job_id, timeout=5, until_final=False
+        )
+    lifecycle = [(e.type, e.attempt) for e in events if e.type != "heartbeat"]
+    assert lifecycle == [("started", 1), ("requeued", 1), ("started", 2), ("succeeded", 2)]
+    requeued = next(e for e in events if e.type == "requeued")
+    assert requeued.reason == "engine_failure"
+    assert worker.poll() is None  # the node itself kept running
+
+
+def _get(path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{OPS_PORT}{path}", timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+async def test_ops_endpoints_and_node_heartbeats(
+    worker: Any, cluster: Any, worker_topics: TopicNames
+) -> None:
+    """/healthz, /readyz, /metrics and /info answer, and the node announces itself."""
+    from pydantic import TypeAdapter
+
+    as_json = TypeAdapter(dict[str, Any]).validate_json
+    status, body = await asyncio.to_thread(_get, "/healthz")
+    assert status == 200
+    status, body = await asyncio.to_thread(_get, "/readyz")
+    assert status == 200, body
+    assert as_json(body)["checks"] == {"model_loaded": True, "kafka": True, "object_store": True}
+    status, body = await asyncio.to_thread(_get, "/metrics")
+    assert status == 200
+    for name in (
+        "i2v_jobs_total",
+        "i2v_jobs_in_flight",
+        "i2v_phase_seconds",
+        "i2v_engine_restarts_total",
+        "i2v_uploaded_bytes_total",
+    ):
+        assert name.encode() in body, name
+    status, body = await asyncio.to_thread(_get, "/info")
+    info = as_json(body)
+    assert (status, info["node_id"], info["engine_alive"]) == (200, "test-node-1", True)
+    assert "secret" not in body.decode().lower()
+
+    consumer = AIOKafkaConsumer(
+        worker_topics.nodes, **cluster.kafka.client_kwargs(), auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        record = await asyncio.wait_for(consumer.getone(), 20)
+    finally:
+        await consumer.stop()
+    node = NODE_INFO_ADAPTER.validate_json(record.value)
+    assert record.key == b"test-node-1"
+    assert node.ops_url == f"http://127.0.0.1:{OPS_PORT}"

@@ -1,0 +1,93 @@
+"""The node's ops HTTP server: /healthz, /readyz, /metrics and /info (aiohttp).
+
+Owns what operators and Kubernetes probes see. Must never expose secrets: settings are
+shown without credentials and URLs without query strings.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+
+def make_app(supervisor: Supervisor) -> web.Application:
+    app = web.Application()
+    app["supervisor"] = supervisor
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/info", _info)
+    return app
+
+
+async def start(supervisor: Supervisor, host: str, port: int) -> web.AppRunner:
+    """Serve in the supervisor's event loop; returns the runner (its `.addresses` say where)."""
+    runner = web.AppRunner(make_app(supervisor), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    """Alive: the loop answers, and the engine runs (or is being started)."""
+    sup: Supervisor = request.app["supervisor"]
+    ok = sup.engine.alive or not sup.ready.is_set()
+    return web.json_response({"status": "ok" if ok else "engine down"}, status=200 if ok else 503)
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    """Ready: model loaded, claiming from Kafka, object store reachable."""
+    sup: Supervisor = request.app["supervisor"]
+    checks = {
+        "model_loaded": sup.engine.alive,
+        "kafka": sup.ready.is_set(),
+        "object_store": await sup.store.ping(),
+    }
+    ok = all(checks.values())
+    return web.json_response(
+        {"status": "ready" if ok else "not ready", "checks": checks}, status=200 if ok else 503
+    )
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    sup: Supervisor = request.app["supervisor"]
+    body = generate_latest(sup.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _info(request: web.Request) -> web.Response:
+    sup: Supervisor = request.app["supervisor"]
+    s, stats = sup.settings, sup.stats
+    current: dict[str, Any] | None = None
+    if stats.current is not None:
+        job = stats.current
+        current = {
+            "job_id": str(job.job_id),
+            "attempt": job.attempt,
+            "phase": stats.current_phase,
+            "step": stats.current_step[0],
+            "total_steps": stats.current_step[1],
+            "image_size": job.image_size.value,
+            "num_frames": job.num_frames,
+        }
+    return web.json_response(
+        {
+            "node_id": s.node_id,
+            "uptime_s": round(time.monotonic() - stats.started_at, 1),
+            "device": sup.engine.device,
+            "engine_alive": sup.engine.alive,
+            "engine_restarts": sup.engine.restarts,
+            "layout": sup.layout().model_dump(),
+            "model_dir": str(s.model_ckpt_dir),
+            "kafka": s.kafka_bootstrap_servers,
+            "object_store": f"{s.minio_endpoint}/{s.minio_bucket}",
+            "outcomes": stats.outcomes,
+            "current_job": current,
+        }
+    )
