@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import structlog
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from pipeline.request import AttentionCacheSpec
@@ -207,6 +208,21 @@ class Supervisor:
         job = await self._decode(record)
         if job is None:
             return
+        with structlog.contextvars.bound_contextvars(job_id=str(job.job_id), attempt=job.attempt):
+            before, started = dict(self.stats.outcomes), time.monotonic()
+            await self._attempt(job)
+            outcome = next((k for k, v in self.stats.outcomes.items() if v != before.get(k)), "")
+            # The one summary line per job that operators grep for.
+            log.info(
+                "job done: outcome=%s size=%s frames=%d seconds=%.1f",
+                outcome or "unknown",
+                job.image_size.value,
+                job.num_frames,
+                time.monotonic() - started,
+            )
+
+    async def _attempt(self, job: JobRequest) -> None:
+        """Run one attempt and turn every way it can end into exactly one final event."""
         self.stats.current = job
         self.metrics.in_flight.inc()
         try:

@@ -425,3 +425,25 @@ async def test_ops_endpoints_and_node_heartbeats(
     node = NODE_INFO_ADAPTER.validate_json(record.value)
     assert record.key == b"test-node-1"
     assert node.ops_url == f"http://127.0.0.1:{OPS_PORT}"
+
+
+async def test_bad_images_fail_with_their_codes_and_the_node_goes_on(
+    worker: Any, cluster: Any, worker_topics: TopicNames
+) -> None:
+    """A GIF fails image_invalid, a loopback URL fails image_fetch_failed; no compute runs."""
+    gif = base64.b64encode(b"GIF89a" + b"\0" * 64).decode()
+    not_an_image = _job(image={"base64": gif})
+    private_url = _job(image={"url": "http://127.0.0.1:9/secret.png?X-Amz-Signature=abc"})
+    for job in (not_an_image, private_url):
+        await _publish(
+            cluster.kafka, worker_topics.requests, job.model_dump_json().encode(), job.key
+        )
+    invalid = await _events(cluster.kafka, worker_topics.status, not_an_image.job_id)
+    assert invalid[-1].type == "failed"
+    assert invalid[-1].error.code == "image_invalid"
+    assert "GIF" in invalid[-1].error.message
+    fetch = await _events(cluster.kafka, worker_topics.status, private_url.job_id)
+    assert fetch[-1].type == "failed"
+    assert fetch[-1].error.code == "image_fetch_failed"
+    assert "ALLOWED_HOSTS" in fetch[-1].error.message
+    assert "Signature" not in fetch[-1].error.message
