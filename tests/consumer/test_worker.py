@@ -447,3 +447,24 @@ async def test_bad_images_fail_with_their_codes_and_the_node_goes_on(
     assert fetch[-1].error.code == "image_fetch_failed"
     assert "ALLOWED_HOSTS" in fetch[-1].error.message
     assert "Signature" not in fetch[-1].error.message
+
+
+async def test_an_s3_image_reference_is_read_from_the_nodes_store(
+    worker: Any, cluster: Any, worker_topics: TopicNames
+) -> None:
+    """A job whose image is an `s3` reference in the node's bucket runs to a video."""
+    s3: ObjectStoreSettings = cluster.s3
+    client = Minio(s3.endpoint, s3.access_key, s3.secret_key.get_secret_value(), secure=False)
+    key = f"uploads/{uuid.uuid4()}.jpg"
+    await asyncio.to_thread(client.fput_object, s3.bucket, key, str(PHOTO))
+    job = _job(image={"s3": {"bucket": s3.bucket, "key": key}})
+    await _publish(cluster.kafka, worker_topics.requests, job.model_dump_json().encode(), job.key)
+    events = await _events(cluster.kafka, worker_topics.status, job.job_id)
+    assert events[-1].type == "succeeded"
+    missing = _job(image={"s3": {"bucket": s3.bucket, "key": "uploads/nope.jpg"}})
+    await _publish(
+        cluster.kafka, worker_topics.requests, missing.model_dump_json().encode(), missing.key
+    )
+    events = await _events(cluster.kafka, worker_topics.status, missing.job_id)
+    assert events[-1].type == "failed"
+    assert events[-1].error.code == "image_fetch_failed"
