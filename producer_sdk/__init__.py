@@ -6,16 +6,41 @@ among our packages and never on torch.
 
 from __future__ import annotations
 
-from .errors import BrokerError, DevStackError, I2VError, MissingExtra, TopicsError
+from .client import AsyncClient, ClientState, JobHandle
+from .errors import (
+    BrokerError,
+    DevStackError,
+    I2VError,
+    InvalidJob,
+    JobCancelled,
+    JobError,
+    JobFailed,
+    MissingExtra,
+    TopicsError,
+    WaitTimeout,
+)
 from .settings import KafkaSettings, ObjectStoreSettings, TopicSettings
+from .transport import KafkaTransport, Record, Transport, partition_for
 
 __all__ = [
+    "AsyncClient",
     "BrokerError",
+    "ClientState",
     "DevStackError",
     "I2VError",
+    "InvalidJob",
+    "JobCancelled",
+    "JobError",
+    "JobFailed",
+    "JobHandle",
     "KafkaSettings",
+    "KafkaTransport",
     "MissingExtra",
     "ObjectStoreSettings",
+    "Record",
     "TopicSettings",
     "TopicsError",
+    "Transport",
+    "WaitTimeout",
+    "partition_for",
 ]

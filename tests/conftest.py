@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -120,3 +123,67 @@ def engine(tiny_model_dir: Path) -> Any:
     from pipeline import WanI2V
 
     return WanI2V.load(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def worker_topics(cluster: Cluster) -> TopicNames:
+    """Topics of this module's worker, fresh."""
+    names = TopicNames().with_suffix(f".w{uuid.uuid4().hex[:8]}")
+    asyncio.run(create_topics(cluster.kafka, topic_specs(names, partitions=2)))
+    return names
+
+
+@pytest.fixture(scope="module")
+def worker(
+    cluster: Cluster,
+    worker_topics: TopicNames,
+    tiny_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`i2v worker` in its own process, configured only through the environment."""
+    ops_port = free_port()
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": cluster.kafka.bootstrap_servers,
+        "MINIO_ENDPOINT": cluster.s3.endpoint,
+        "MINIO_ACCESS_KEY": cluster.s3.access_key,
+        "MINIO_SECRET_KEY": cluster.s3.secret_key.get_secret_value(),
+        "MINIO_BUCKET": cluster.s3.bucket,
+        "MODEL_CKPT_DIR": str(tiny_model_dir),
+        "DEVICE": "cpu",
+        "NODE_ID": "test-node-1",
+        "WORKERS_GROUP": f"workers-{uuid.uuid4().hex[:6]}",
+        "WORK_DIR": str(tmp_path_factory.mktemp("work")),
+        "HEARTBEAT_S": "1",
+        "LEASE_S": "10",
+        "PROGRESS_INTERVAL_S": "0.1",
+        "SERVER_HOST": "127.0.0.1",
+        "SERVER_PORT": str(ops_port),
+        "NODE_INFO_INTERVAL_S": "2",
+        # Far below a job's run time: the worker must stay a member while it computes.
+        "KAFKA_MAX_POLL_INTERVAL_MS": "3000",
+        "KAFKA_SESSION_TIMEOUT_MS": "6000",
+        **{f"I2V_TOPIC_{role.upper()}": name for role, name in worker_topics},
+    }
+    log = tmp_path_factory.mktemp("logs") / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "i2v"), "worker"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 120
+    while b"claiming from" not in log.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"worker did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    proc.ops_url = f"http://127.0.0.1:{ops_port}"  # type: ignore[attr-defined]
+    yield proc
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    print(log.read_text()[-5000:])

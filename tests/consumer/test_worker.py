@@ -6,12 +6,10 @@ import asyncio
 import base64
 import os
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from minio import Minio
 
 from pipeline import probe_mp4
-from producer_sdk.devstack import free_port
 from producer_sdk.settings import KafkaSettings, ObjectStoreSettings
 from schemas import (
     JOB_EVENT_ADAPTER,
@@ -34,7 +31,6 @@ from schemas import (
 
 pytestmark = [pytest.mark.kafka, pytest.mark.minio, pytest.mark.slow]
 
-OPS_PORT = free_port()
 PHOTO = Path(__file__).resolve().parents[2] / "examples" / "images" / "grace_hopper.jpg"
 
 
@@ -53,71 +49,6 @@ def _job(**fields: Any) -> JobRequest:
         "metadata": {"suite": "worker"},
     }
     return JobRequest.model_validate({**base, **fields})
-
-
-@pytest.fixture(scope="module")
-def worker_topics(cluster: Any) -> TopicNames:
-    """Topics of this module's worker, fresh."""
-    from producer_sdk.admin import create_topics
-    from schemas import topic_specs
-
-    names = TopicNames().with_suffix(f".w{uuid.uuid4().hex[:8]}")
-    asyncio.run(create_topics(cluster.kafka, topic_specs(names, partitions=2)))
-    return names
-
-
-@pytest.fixture(scope="module")
-def worker(
-    cluster: Any,
-    worker_topics: TopicNames,
-    tiny_model_dir: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[subprocess.Popen[bytes]]:
-    """`i2v worker` in its own process, configured only through the environment."""
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": cluster.kafka.bootstrap_servers,
-        "MINIO_ENDPOINT": cluster.s3.endpoint,
-        "MINIO_ACCESS_KEY": cluster.s3.access_key,
-        "MINIO_SECRET_KEY": cluster.s3.secret_key.get_secret_value(),
-        "MINIO_BUCKET": cluster.s3.bucket,
-        "MODEL_CKPT_DIR": str(tiny_model_dir),
-        "DEVICE": "cpu",
-        "NODE_ID": "test-node-1",
-        "WORKERS_GROUP": f"workers-{uuid.uuid4().hex[:6]}",
-        "WORK_DIR": str(tmp_path_factory.mktemp("work")),
-        "HEARTBEAT_S": "1",
-        "LEASE_S": "10",
-        "PROGRESS_INTERVAL_S": "0.1",
-        "SERVER_HOST": "127.0.0.1",
-        "SERVER_PORT": str(OPS_PORT),
-        "NODE_INFO_INTERVAL_S": "2",
-        # Far below a job's run time: the worker must stay a member while it computes.
-        "KAFKA_MAX_POLL_INTERVAL_MS": "3000",
-        "KAFKA_SESSION_TIMEOUT_MS": "6000",
-        **{f"I2V_TOPIC_{role.upper()}": name for role, name in worker_topics},
-    }
-    log = tmp_path_factory.mktemp("logs") / "worker.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "i2v"), "worker"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 120
-    while b"claiming from" not in log.read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"worker did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
-    yield proc
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    print(log.read_text()[-5000:])
 
 
 async def _publish(kafka: KafkaSettings, topic: str, value: bytes, key: bytes | None) -> None:
@@ -379,9 +310,10 @@ async def test_a_killed_engine_is_restarted_and_the_job_retried(
     assert worker.poll() is None  # the node itself kept running
 
 
-def _get(path: str) -> tuple[int, bytes]:
+def _get(url: str) -> tuple[int, bytes]:
+    path = url
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{OPS_PORT}{path}", timeout=5) as response:
+        with urllib.request.urlopen(path, timeout=5) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -394,12 +326,12 @@ async def test_ops_endpoints_and_node_heartbeats(
     from pydantic import TypeAdapter
 
     as_json = TypeAdapter(dict[str, Any]).validate_json
-    status, body = await asyncio.to_thread(_get, "/healthz")
+    status, body = await asyncio.to_thread(_get, f"{worker.ops_url}/healthz")
     assert status == 200
-    status, body = await asyncio.to_thread(_get, "/readyz")
+    status, body = await asyncio.to_thread(_get, f"{worker.ops_url}/readyz")
     assert status == 200, body
     assert as_json(body)["checks"] == {"model_loaded": True, "kafka": True, "object_store": True}
-    status, body = await asyncio.to_thread(_get, "/metrics")
+    status, body = await asyncio.to_thread(_get, f"{worker.ops_url}/metrics")
     assert status == 200
     for name in (
         "i2v_jobs_total",
@@ -409,7 +341,7 @@ async def test_ops_endpoints_and_node_heartbeats(
         "i2v_uploaded_bytes_total",
     ):
         assert name.encode() in body, name
-    status, body = await asyncio.to_thread(_get, "/info")
+    status, body = await asyncio.to_thread(_get, f"{worker.ops_url}/info")
     info = as_json(body)
     assert (status, info["node_id"], info["engine_alive"]) == (200, "test-node-1", True)
     assert "secret" not in body.decode().lower()
@@ -424,7 +356,7 @@ async def test_ops_endpoints_and_node_heartbeats(
         await consumer.stop()
     node = NODE_INFO_ADAPTER.validate_json(record.value)
     assert record.key == b"test-node-1"
-    assert node.ops_url == f"http://127.0.0.1:{OPS_PORT}"
+    assert node.ops_url == worker.ops_url
 
 
 async def test_bad_images_fail_with_their_codes_and_the_node_goes_on(

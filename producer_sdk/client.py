@@ -1,0 +1,234 @@
+"""`AsyncClient`: submit image-to-video jobs and follow them to their video.
+
+Owns building and validating a `JobRequest` from friendly arguments, publishing it, and
+following only that job's partitions of `i2v.status` and `i2v.progress`. Must never block
+the caller's event loop or let a broker library's exception escape.
+
+    async with AsyncClient() as client:                 # KAFKA_* and I2V_TOPIC_* from env
+        job = await client.submit("cat.jpg", prompt="the cat yawns", quality_preset="fast")
+        async for event in client.watch(job.job_id):
+            print(event)
+        result = await client.wait(job.job_id)          # raises JobFailed / JobCancelled
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import enum
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from pydantic import ValidationError
+
+from schemas import (
+    JOB_EVENT_ADAPTER,
+    MAX_BASE64_IMAGE_BYTES,
+    PROGRESS_ADAPTER,
+    CancelledEvent,
+    CancelRequest,
+    FailedEvent,
+    JobEvent,
+    JobRequest,
+    JobResult,
+    ProgressEvent,
+    SucceededEvent,
+    TopicNames,
+    describe_validation_error,
+    utcnow,
+)
+from schemas.topics import HEADER_SCHEMA_VERSION
+
+from .errors import I2VError, InvalidJob, JobCancelled, JobFailed, WaitTimeout
+from .settings import KafkaSettings, TopicSettings
+from .transport import KafkaTransport, Transport, partition_for
+
+DEFAULT_LOOKBACK = timedelta(days=1)
+"""How far back `watch` and `wait` look for a job's events when not told (progress
+events are kept one day)."""
+
+
+class ClientState(enum.Enum):
+    UNOPENED = "unopened"
+    OPENED = "opened"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class JobHandle:
+    """A submitted job: its id, where its request landed, and the request itself."""
+
+    job_id: UUID
+    partition: int
+    offset: int
+    submitted_at: datetime
+    request: JobRequest
+
+
+Event = JobEvent | ProgressEvent
+
+
+class AsyncClient:
+    """Submit and follow jobs. Use as `async with AsyncClient() as client:`."""
+
+    def __init__(
+        self,
+        *,
+        kafka: KafkaSettings | None = None,
+        topics: TopicNames | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        self.topics = topics or TopicSettings().names()
+        self._transport = transport or KafkaTransport(kafka or KafkaSettings())
+        self.state = ClientState.UNOPENED
+
+    async def __aenter__(self) -> AsyncClient:
+        if self.state is not ClientState.UNOPENED:
+            raise I2VError("a client can be opened once; make a new one")
+        await self._transport.start()
+        self.state = ClientState.OPENED
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self.state is ClientState.OPENED:
+            await self._transport.close()
+        self.state = ClientState.CLOSED
+
+    # -- submit and cancel -------------------------------------------------------------
+
+    async def submit(
+        self,
+        image: str | Path | bytes | Mapping[str, Any],
+        prompt: str,
+        *,
+        job_id: UUID | str | None = None,
+        **params: Any,
+    ) -> JobHandle:
+        """Validate and publish a job; returns once every in-sync replica has it.
+
+        `image` is an http(s) URL, a local file path (sent inline, at most 1 MiB), raw
+        bytes, or a source mapping (`{"s3": {"bucket": ..., "key": ...}}`). Other job
+        fields go in `params` (`quality_preset="fast"`, `num_frames=41`, ...). Giving the
+        same `job_id` again resubmits the same job (its result is stored under that id).
+        """
+        self._check_open()
+        source = await asyncio.to_thread(_image_source, image)  # may read a local file
+        try:
+            request = JobRequest.model_validate(
+                {
+                    **params,
+                    "job_id": str(job_id or uuid.uuid4()),
+                    "prompt": prompt,
+                    "image": source,
+                    "submitted_at": utcnow(),
+                }
+            )
+        except ValidationError as exc:
+            raise InvalidJob(describe_validation_error(exc)) from None
+        partition, offset = await self._transport.publish(
+            self.topics.requests,
+            request.key,
+            request.model_dump_json().encode(),
+            [(HEADER_SCHEMA_VERSION, b"1")],
+        )
+        return JobHandle(request.job_id, partition, offset, request.submitted_at, request)
+
+    async def cancel(
+        self, job_id: UUID | str, reason: str | None = None, requested_by: str | None = None
+    ) -> None:
+        """Ask for the job to stop: queued, it never runs; running, it stops at the next step."""
+        self._check_open()
+        cancel = CancelRequest(job_id=UUID(str(job_id)), reason=reason, requested_by=requested_by)
+        await self._transport.publish(
+            self.topics.control,
+            str(cancel.job_id).encode(),
+            cancel.model_dump_json().encode(),
+            [(HEADER_SCHEMA_VERSION, b"1")],
+        )
+
+    # -- follow --------------------------------------------------------------------------
+
+    async def watch(
+        self, job_id: UUID | str, since: datetime | None = None
+    ) -> AsyncIterator[Event]:
+        """The job's progress and status events in order, ending after its final event.
+
+        Reads only the job's own partition of each topic, from `since` (default: one day
+        back), so a job submitted earlier replays its history.
+        """
+        self._check_open()
+        job_id = UUID(str(job_id))
+        key = str(job_id).encode()
+        status, progress = self.topics.status, self.topics.progress
+        partitions = [
+            (status, partition_for(key, await self._transport.partitions(status))),
+            (progress, partition_for(key, await self._transport.partitions(progress))),
+        ]
+        start = since or (utcnow() - DEFAULT_LOOKBACK)
+        since_ms = int(start.timestamp() * 1000)
+        async for record in self._transport.follow(partitions, since_ms):
+            if record.key != key or record.value is None:
+                continue
+            if record.topic == status:
+                event: JobEvent = JOB_EVENT_ADAPTER.validate_json(record.value)
+                yield event
+                if event.type in {"succeeded", "failed", "cancelled"}:
+                    return
+            else:
+                yield PROGRESS_ADAPTER.validate_json(record.value)
+
+    async def wait(
+        self, job_id: UUID | str, timeout: float | None = None, since: datetime | None = None
+    ) -> JobResult:
+        """The job's result once it succeeds; raises JobFailed, JobCancelled or WaitTimeout."""
+
+        async def final() -> JobResult:
+            async for event in self.watch(job_id, since):
+                if isinstance(event, SucceededEvent):
+                    return event.result
+                if isinstance(event, FailedEvent):
+                    e = event.error
+                    raise JobFailed(event.job_id, e.code.value, e.message, e.retryable)
+                if isinstance(event, CancelledEvent):
+                    raise JobCancelled(event.job_id, event.reason)
+            raise I2VError("the event stream ended before a final event")  # pragma: no cover
+
+        try:
+            return await asyncio.wait_for(final(), timeout)
+        except asyncio.TimeoutError:
+            raise WaitTimeout(
+                f"job {job_id} did not finish within {timeout} s; it may still finish: "
+                "wait again or watch it"
+            ) from None
+
+    def _check_open(self) -> None:
+        if self.state is not ClientState.OPENED:
+            raise I2VError(
+                f"the client is {self.state.value}; use it inside `async with AsyncClient()`"
+            )
+
+
+def _image_source(image: str | Path | bytes | Mapping[str, Any]) -> Any:
+    if isinstance(image, Mapping):
+        return dict(image)
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        return {"url": image}
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise InvalidJob(f"image: {path} is not a file, nor an http(s) URL")
+        image = path.read_bytes()
+    if len(image) > MAX_BASE64_IMAGE_BYTES:
+        raise InvalidJob(
+            f"image: {len(image) / 2**20:.1f} MiB is over the {MAX_BASE64_IMAGE_BYTES // 1024} "
+            "KiB inline cap; pass an http(s) URL or an s3 reference instead"
+        )
+    return {"base64": base64.b64encode(image).decode()}

@@ -1,0 +1,159 @@
+"""The few Kafka calls the client makes, as a Protocol, and their aiokafka implementation.
+
+Owns publishing with acks from all replicas and following chosen partitions from a point
+in time. The client depends on `Transport` only, so `producer_sdk.testing` can stand in
+for Kafka in users' tests. Must never let an aiokafka exception escape (BrokerError).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .errors import BrokerError
+from .settings import KafkaSettings
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record as the client sees it."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+
+
+class Transport(Protocol):
+    """What the client needs from a broker."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def publish(
+        self, topic: str, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
+    ) -> tuple[int, int]:
+        """Publish with acks from all in-sync replicas; return (partition, offset)."""
+        ...
+
+    async def partitions(self, topic: str) -> int:
+        """How many partitions `topic` has."""
+        ...
+
+    def follow(
+        self, partitions: Sequence[tuple[str, int]], since_ms: int | None
+    ) -> AsyncIterator[Record]:
+        """Records of exactly these partitions from `since_ms` (None: the start), forever."""
+        ...
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default (murmur2) partitioner picks for `key`.
+
+    Java clients and aiokafka agree on it; librdkafka (confluent-kafka) does only when its
+    producer is configured with `partitioner=murmur2_random`.
+    """
+    from aiokafka.partitioner import murmur2
+
+    return int((murmur2(key) & 0x7FFFFFFF) % partitions)
+
+
+class KafkaTransport:
+    """`Transport` over aiokafka."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self._producer: Any = None
+        self.last_assignment: set[tuple[str, int]] = set()
+        """The partitions the latest `follow` read (to check it reads no others)."""
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaProducer
+        from aiokafka.errors import KafkaError
+
+        self._producer = AIOKafkaProducer(
+            **self.settings.client_kwargs(), acks="all", max_request_size=2 * 1024 * 1024
+        )
+        try:
+            await self._producer.start()
+        except KafkaError as exc:
+            await self._producer.stop()
+            raise BrokerError(
+                f"cannot reach Kafka at {self.settings.bootstrap_servers}: {exc}; check "
+                "KAFKA_BOOTSTRAP_SERVERS"
+            ) from None
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def publish(
+        self, topic: str, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
+    ) -> tuple[int, int]:
+        from aiokafka.errors import KafkaError
+
+        try:
+            sent = await self._producer.send_and_wait(topic, value, key=key, headers=list(headers))
+        except KafkaError as exc:
+            raise BrokerError(f"could not publish to {topic}: {exc}") from None
+        return int(sent.partition), int(sent.offset)
+
+    async def partitions(self, topic: str) -> int:
+        found = await self._producer.partitions_for(topic)
+        if not found:
+            raise BrokerError(f"topic {topic} does not exist; create it with `i2v topics create`")
+        return len(found)
+
+    async def follow(
+        self, partitions: Sequence[tuple[str, int]], since_ms: int | None
+    ) -> AsyncIterator[Record]:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka.errors import KafkaError
+
+        consumer = AIOKafkaConsumer(
+            **self.settings.client_kwargs(),
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        try:
+            await consumer.start()
+            tps = [TopicPartition(t, p) for t, p in partitions]
+            consumer.assign(tps)
+            if since_ms is None:
+                await consumer.seek_to_beginning(*tps)
+            else:
+                found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
+                for tp in tps:
+                    if found.get(tp) is not None:
+                        consumer.seek(tp, found[tp].offset)
+                    else:
+                        await consumer.seek_to_end(tp)
+            self.last_assignment = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+            # Merge the partitions in timestamp order: a record is handed out only once every
+            # other partition has something buffered or has been read to its end.
+            buffers: dict[Any, deque[Any]] = {tp: deque() for tp in tps}
+            while True:
+                batch = await consumer.getmany(timeout_ms=200)
+                for tp, records in batch.items():
+                    buffers[tp].extend(records)
+                while any(buffers.values()):
+                    waiting = [
+                        tp
+                        for tp in tps
+                        if not buffers[tp]
+                        and await consumer.position(tp) < (consumer.highwater(tp) or 0)
+                    ]
+                    if waiting:
+                        break
+                    tp = min((t for t in tps if buffers[t]), key=lambda t: buffers[t][0].timestamp)
+                    r = buffers[tp].popleft()
+                    yield Record(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value)
+        except KafkaError as exc:
+            raise BrokerError(f"could not read {partitions}: {exc}") from None
+        finally:
+            await consumer.stop()
