@@ -6,7 +6,7 @@ among our packages and never on torch.
 
 from __future__ import annotations
 
-from .client import AsyncClient, ClientState, JobHandle
+from .client import AsyncClient, ClientState, JobHandle, JobStatus, QueueDepth
 from .errors import (
     BrokerError,
     DevStackError,
@@ -20,11 +20,13 @@ from .errors import (
     WaitTimeout,
 )
 from .settings import KafkaSettings, ObjectStoreSettings, TopicSettings
+from .sync import Client
 from .transport import KafkaTransport, Record, Transport, partition_for
 
 __all__ = [
     "AsyncClient",
     "BrokerError",
+    "Client",
     "ClientState",
     "DevStackError",
     "I2VError",
@@ -33,10 +35,12 @@ __all__ = [
     "JobError",
     "JobFailed",
     "JobHandle",
+    "JobStatus",
     "KafkaSettings",
     "KafkaTransport",
     "MissingExtra",
     "ObjectStoreSettings",
+    "QueueDepth",
     "Record",
     "TopicSettings",
     "TopicsError",

@@ -17,7 +17,7 @@ import asyncio
 import base64
 import enum
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,13 +29,18 @@ from pydantic import ValidationError
 from schemas import (
     JOB_EVENT_ADAPTER,
     MAX_BASE64_IMAGE_BYTES,
+    NODE_INFO_ADAPTER,
     PROGRESS_ADAPTER,
+    WORKERS_GROUP,
     CancelledEvent,
     CancelRequest,
+    ErrorInfo,
     FailedEvent,
     JobEvent,
     JobRequest,
     JobResult,
+    JobState,
+    NodeInfo,
     ProgressEvent,
     SucceededEvent,
     TopicNames,
@@ -57,6 +62,31 @@ class ClientState(enum.Enum):
     UNOPENED = "unopened"
     OPENED = "opened"
     CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What is known of a job from its events within the look-back."""
+
+    job_id: UUID
+    state: JobState
+    attempt: int = 0
+    node_id: str | None = None
+    last_event: JobEvent | None = None
+    progress: ProgressEvent | None = None
+    result: JobResult | None = None
+    error: ErrorInfo | None = None
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    """Jobs published to `i2v.requests` and not yet claimed, per partition and in total."""
+
+    partitions: dict[int, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.partitions.values())
 
 
 @dataclass(frozen=True)
@@ -158,7 +188,7 @@ class AsyncClient:
 
     async def watch(
         self, job_id: UUID | str, since: datetime | None = None
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """The job's progress and status events in order, ending after its final event.
 
         Reads only the job's own partition of each topic, from `since` (default: one day
@@ -208,6 +238,67 @@ class AsyncClient:
                 f"job {job_id} did not finish within {timeout} s; it may still finish: "
                 "wait again or watch it"
             ) from None
+
+    async def status(self, job_id: UUID | str, lookback: timedelta = DEFAULT_LOOKBACK) -> JobStatus:
+        """The job's latest state from its events in the last `lookback`.
+
+        `queued` means no event was seen: submitted and waiting, or unknown to the fleet.
+        """
+        self._check_open()
+        job_id = UUID(str(job_id))
+        key = str(job_id).encode()
+        since_ms = int((utcnow() - lookback).timestamp() * 1000)
+        partitions = [
+            (t, partition_for(key, await self._transport.partitions(t)))
+            for t in (self.topics.status, self.topics.progress)
+        ]
+        events: list[JobEvent] = []
+        progress: ProgressEvent | None = None
+        for record in await self._transport.read(partitions, since_ms):
+            if record.key != key or record.value is None:
+                continue
+            if record.topic == self.topics.status:
+                events.append(JOB_EVENT_ADAPTER.validate_json(record.value))
+            else:
+                progress = PROGRESS_ADAPTER.validate_json(record.value)
+        if not events:
+            return JobStatus(job_id, JobState.QUEUED)
+        final = next((e for e in events if e.type in {"succeeded", "failed", "cancelled"}), None)
+        last = final or events[-1]
+        state = {
+            "succeeded": JobState.SUCCEEDED,
+            "failed": JobState.FAILED,
+            "cancelled": JobState.CANCELLED,
+            "requeued": JobState.QUEUED,
+        }.get(last.type, JobState.RUNNING)
+        return JobStatus(
+            job_id,
+            state,
+            attempt=last.attempt,
+            node_id=last.node_id,
+            last_event=last,
+            progress=progress if state is JobState.RUNNING else None,
+            result=last.result if isinstance(last, SucceededEvent) else None,
+            error=last.error if isinstance(last, FailedEvent) else None,
+        )
+
+    async def nodes(self, lookback: timedelta = timedelta(days=1)) -> list[NodeInfo]:
+        """The latest NodeInfo of each node heard from within `lookback`, by node id."""
+        self._check_open()
+        count = await self._transport.partitions(self.topics.nodes)
+        since_ms = int((utcnow() - lookback).timestamp() * 1000)
+        latest: dict[str, NodeInfo] = {}
+        partitions = [(self.topics.nodes, p) for p in range(count)]
+        for record in await self._transport.read(partitions, since_ms):
+            if record.value is not None:
+                info = NODE_INFO_ADAPTER.validate_json(record.value)
+                latest[info.node_id] = info
+        return [latest[n] for n in sorted(latest)]
+
+    async def queue(self, group: str = WORKERS_GROUP) -> QueueDepth:
+        """Jobs waiting in `i2v.requests`: published and not committed by the workers' group."""
+        self._check_open()
+        return QueueDepth(await self._transport.backlog(self.topics.requests, group))
 
     def _check_open(self) -> None:
         if self.state is not ClientState.OPENED:

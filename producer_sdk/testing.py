@@ -26,6 +26,7 @@ from typing import Any
 
 from schemas import (
     JOB_REQUEST_ADAPTER,
+    WORKERS_GROUP,
     ErrorInfo,
     FailedEvent,
     JobRequest,
@@ -47,6 +48,8 @@ class MemoryTransport:
     def __init__(self, partitions: int = 4) -> None:
         self.partition_count = partitions
         self.log: dict[tuple[str, int], list[Record]] = defaultdict(list)
+        self.committed: dict[tuple[str, str, int], int] = {}
+        """(group, topic, partition) -> next offset the group will process."""
         self._changed = asyncio.Condition()
 
     async def start(self) -> None:
@@ -88,6 +91,23 @@ class MemoryTransport:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), 0.5)
 
+    async def read(
+        self, partitions: Sequence[tuple[str, int]], since_ms: int | None
+    ) -> list[Record]:
+        found = [
+            r
+            for tp in partitions
+            for r in self.log[tp]
+            if since_ms is None or r.timestamp_ms >= since_ms
+        ]
+        return sorted(found, key=lambda r: r.timestamp_ms)
+
+    async def backlog(self, topic: str, group: str) -> dict[int, int]:
+        return {
+            p: len(self.log[(topic, p)]) - self.committed.get((group, topic, p), 0)
+            for p in range(self.partition_count)
+        }
+
 
 @dataclass
 class Outcome:
@@ -126,6 +146,8 @@ class FakeWorker:
         async for record in self.transport.follow(requests, None):
             if record.value is not None:
                 await self._answer(JOB_REQUEST_ADAPTER.validate_json(record.value))
+            key = (WORKERS_GROUP, record.topic, record.partition)
+            self.transport.committed[key] = record.offset + 1
 
     async def _answer(self, job: JobRequest) -> None:
         self.handled.append(job)

@@ -51,6 +51,16 @@ class Transport(Protocol):
         """Records of exactly these partitions from `since_ms` (None: the start), forever."""
         ...
 
+    async def read(
+        self, partitions: Sequence[tuple[str, int]], since_ms: int | None
+    ) -> list[Record]:
+        """Records of these partitions from `since_ms` up to their current end."""
+        ...
+
+    async def backlog(self, topic: str, group: str) -> dict[int, int]:
+        """Per partition of `topic`: records not yet committed by consumer group `group`."""
+        ...
+
 
 def partition_for(key: bytes, partitions: int) -> int:
     """The partition Kafka's default (murmur2) partitioner picks for `key`.
@@ -155,5 +165,69 @@ class KafkaTransport:
                     yield Record(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value)
         except KafkaError as exc:
             raise BrokerError(f"could not read {partitions}: {exc}") from None
+        finally:
+            await consumer.stop()
+
+    async def read(
+        self, partitions: Sequence[tuple[str, int]], since_ms: int | None
+    ) -> list[Record]:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka.errors import KafkaError
+
+        consumer = AIOKafkaConsumer(
+            **self.settings.client_kwargs(), enable_auto_commit=False, auto_offset_reset="earliest"
+        )
+        found: list[Record] = []
+        try:
+            await consumer.start()
+            tps = [TopicPartition(t, p) for t, p in partitions]
+            consumer.assign(tps)
+            ends = await consumer.end_offsets(tps)
+            if since_ms is None:
+                await consumer.seek_to_beginning(*tps)
+            else:
+                starts = await consumer.offsets_for_times({tp: since_ms for tp in tps})
+                for tp in tps:
+                    consumer.seek(tp, starts[tp].offset if starts.get(tp) else ends[tp])
+            pending = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
+            while pending:
+                batch = await consumer.getmany(*pending, timeout_ms=500)
+                for tp, records in batch.items():
+                    found += [
+                        Record(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value)
+                        for r in records
+                        if r.offset < ends[tp]
+                    ]
+                pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
+        except KafkaError as exc:
+            raise BrokerError(f"could not read {list(partitions)}: {exc}") from None
+        finally:
+            await consumer.stop()
+        return sorted(found, key=lambda r: r.timestamp_ms)
+
+    async def backlog(self, topic: str, group: str) -> dict[int, int]:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka.errors import KafkaError
+
+        # committed() of a consumer that never joins the group reads the group's offsets without
+        # disturbing it; the admin client's offset listing is not supported by every broker.
+        consumer = AIOKafkaConsumer(
+            **self.settings.client_kwargs(), group_id=group, enable_auto_commit=False
+        )
+        try:
+            await consumer.start()
+            partitions = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            ends = await consumer.end_offsets(tps)
+            backlog = {}
+            for tp in tps:
+                committed = await consumer.committed(tp)
+                begin = (await consumer.beginning_offsets([tp]))[tp]
+                backlog[tp.partition] = ends[tp] - max(
+                    committed if committed is not None else begin, begin
+                )
+            return backlog
+        except KafkaError as exc:
+            raise BrokerError(f"could not read the backlog of {topic}: {exc}") from None
         finally:
             await consumer.stop()

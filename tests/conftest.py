@@ -142,6 +142,7 @@ def worker(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`i2v worker` in its own process, configured only through the environment."""
     ops_port = free_port()
+    group = f"workers-{uuid.uuid4().hex[:6]}"
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": cluster.kafka.bootstrap_servers,
@@ -152,7 +153,7 @@ def worker(
         "MODEL_CKPT_DIR": str(tiny_model_dir),
         "DEVICE": "cpu",
         "NODE_ID": "test-node-1",
-        "WORKERS_GROUP": f"workers-{uuid.uuid4().hex[:6]}",
+        "WORKERS_GROUP": group,
         "WORK_DIR": str(tmp_path_factory.mktemp("work")),
         "HEARTBEAT_S": "1",
         "LEASE_S": "10",
@@ -180,6 +181,7 @@ def worker(
             pytest.fail(f"worker did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
     proc.ops_url = f"http://127.0.0.1:{ops_port}"  # type: ignore[attr-defined]
+    proc.group = group  # type: ignore[attr-defined]
     yield proc
     proc.terminate()
     try:

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from . import contract, dev, topics
+from . import contract, dev, jobs, topics
 from ._common import out, package_version
 
 app = typer.Typer(
@@ -23,6 +23,12 @@ app = typer.Typer(
 )
 app.add_typer(dev.app, name="dev")
 app.add_typer(topics.app, name="topics")
+app.command("submit")(jobs.submit)
+app.command("watch")(jobs.watch_)
+app.command("status")(jobs.status)
+app.command("cancel")(jobs.cancel)
+app.command("nodes")(jobs.nodes)
+app.command("queue")(jobs.queue)
 app.command("asyncapi")(contract.asyncapi)
 app.command("schema")(contract.schema)
 

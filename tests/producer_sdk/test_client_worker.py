@@ -100,3 +100,141 @@ async def test_wait_raises_for_failed_cancelled_and_timed_out_jobs(
         await client.cancel(slow.job_id)
         with pytest.raises(JobCancelled):
             await client.wait(slow.job_id, timeout=90)
+
+
+def _cli_env(cluster: Any, topics: TopicNames) -> dict[str, str]:
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": cluster.kafka.bootstrap_servers,
+        **{f"I2V_TOPIC_{role.upper()}": name for role, name in topics},
+    }
+
+
+def test_cli_submit_watch_in_a_terminal_shows_a_progress_bar(
+    worker: Any, cluster: Any, worker_topics: TopicNames, tmp_path: Path
+) -> None:
+    """`i2v submit --watch` in a pseudo-terminal draws a progress bar and exits 0."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    primary, secondary = pty.openpty()
+    env = {**os.environ, **_cli_env(cluster, worker_topics), "COLUMNS": "120", "TERM": "xterm"}
+    download = tmp_path / "cli.mp4"
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "i2v"),
+            "submit",
+            str(PHOTO),
+            "-p",
+            "she smiles",
+            "--preset",
+            "custom",
+            "--steps",
+            "2",
+            "--guidance",
+            "2",
+            "--size",
+            "480*832",
+            "--frames",
+            "5",
+            "--watch",
+            "--download",
+            str(download),
+        ],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        env=env,
+        close_fds=True,
+    )
+    os.close(secondary)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(primary)
+    assert proc.wait(120) == 0, screen.decode(errors="replace")[-2000:]
+    text = screen.decode(errors="replace")
+    assert "━" in text  # the bar itself
+    assert "denoising" in text
+    assert "succeeded" in text
+    assert "X-Amz-Signature" in text  # the result URL is printed at the end
+    assert probe_mp4(download).num_frames == 5
+
+
+def test_cli_exit_codes_and_json(worker: Any, cluster: Any, worker_topics: TopicNames) -> None:
+    """Scripts can tell failure (1), bad input (2) and cancel (3) apart, and read --json."""
+    from typer.testing import CliRunner
+
+    from producer_sdk.cli import app
+
+    runner, env = CliRunner(), _cli_env(cluster, worker_topics)
+    failed = runner.invoke(
+        app,
+        ["submit", "http://127.0.0.1:9/x.png", "-p", "p", "--wait", "--preset", "fast"],
+        env=env,
+    )
+    assert failed.exit_code == 1, failed.output
+    assert "image_fetch_failed" in failed.stderr
+    invalid = runner.invoke(app, ["submit", str(PHOTO), "-p", "p", "--frames", "80"], env=env)
+    assert invalid.exit_code == 2
+    assert "num_frames" in invalid.stderr
+
+    submitted = runner.invoke(
+        app,
+        [
+            "submit",
+            str(PHOTO),
+            "-p",
+            "p",
+            "--preset",
+            "custom",
+            "--steps",
+            "60",
+            "--guidance",
+            "2",
+            "--size",
+            "480*832",
+            "--frames",
+            "5",
+            "--json",
+        ],
+        env=env,
+    )
+    assert submitted.exit_code == 0, submitted.output
+    from pydantic import TypeAdapter
+
+    job_id = TypeAdapter(dict[str, Any]).validate_json(submitted.stdout)["job_id"]
+    assert runner.invoke(app, ["cancel", job_id, "--reason", "test"], env=env).exit_code == 0
+    watched = runner.invoke(app, ["watch", job_id, "--json"], env=env)
+    assert watched.exit_code == 3, watched.output
+    assert '"type":"cancelled"' in watched.stdout
+    status = runner.invoke(app, ["status", job_id, "--json"], env=env)
+    assert TypeAdapter(dict[str, Any]).validate_json(status.stdout)["state"] == "cancelled"
+
+    nodes = runner.invoke(app, ["nodes", "--json"], env=env)
+    assert nodes.exit_code == 0
+    assert '"node_id":"test-node-1"' in nodes.stdout
+    queue = runner.invoke(app, ["queue", "--json", "--group", worker.group], env=env)
+    assert queue.exit_code == 0, queue.output
+    assert TypeAdapter(dict[str, Any]).validate_json(queue.stdout)["total"] == 0
+
+
+def test_the_sync_client_follows_a_job(
+    worker: Any, cluster: Any, worker_topics: TopicNames
+) -> None:
+    """Client (no event loop needed) submits, watches and waits like AsyncClient."""
+    from producer_sdk import Client
+
+    with Client(kafka=cluster.kafka, topics=worker_topics) as client:
+        job = client.submit(PHOTO, prompt="p", **CHEAP)
+        types = [getattr(e, "type", "progress") for e in client.watch(job.job_id)]
+        assert types[-1] == "succeeded"
+        assert client.wait(job.job_id, timeout=10).num_frames == 5
+        assert client.status(job.job_id).state.value == "succeeded"
