@@ -49,8 +49,8 @@ from schemas import (
 )
 from schemas.topics import HEADER_SCHEMA_VERSION
 
-from .errors import I2VError, InvalidJob, JobCancelled, JobFailed, WaitTimeout
-from .settings import KafkaSettings, TopicSettings
+from .errors import BrokerError, I2VError, InvalidJob, JobCancelled, JobFailed, WaitTimeout
+from .settings import KafkaSettings, ObjectStoreSettings, TopicSettings
 from .transport import KafkaTransport, Transport, partition_for
 
 DEFAULT_LOOKBACK = timedelta(days=1)
@@ -112,8 +112,12 @@ class AsyncClient:
         kafka: KafkaSettings | None = None,
         topics: TopicNames | None = None,
         transport: Transport | None = None,
+        object_store: ObjectStoreSettings | None = None,
     ) -> None:
+        """`object_store`: where `submit` uploads local images over the inline cap (the
+        fleet's own MinIO bucket, which the nodes read `s3` references from)."""
         self.topics = topics or TopicSettings().names()
+        self.object_store = object_store
         self._transport = transport or KafkaTransport(kafka or KafkaSettings())
         self.state = ClientState.UNOPENED
 
@@ -150,12 +154,14 @@ class AsyncClient:
         same `job_id` again resubmits the same job (its result is stored under that id).
         """
         self._check_open()
-        source = await asyncio.to_thread(_image_source, image)  # may read a local file
+        job_id = str(job_id or uuid.uuid4())
+        # Reading (and maybe uploading) a local file blocks: keep it off the caller's loop.
+        source = await asyncio.to_thread(_image_source, image, self.object_store, job_id)
         try:
             request = JobRequest.model_validate(
                 {
                     **params,
-                    "job_id": str(job_id or uuid.uuid4()),
+                    "job_id": job_id,
                     "prompt": prompt,
                     "image": source,
                     "submitted_at": utcnow(),
@@ -307,19 +313,55 @@ class AsyncClient:
             )
 
 
-def _image_source(image: str | Path | bytes | Mapping[str, Any]) -> Any:
+def _image_source(
+    image: str | Path | bytes | Mapping[str, Any],
+    store: ObjectStoreSettings | None,
+    job_id: str,
+) -> Any:
     if isinstance(image, Mapping):
         return dict(image)
     if isinstance(image, str) and image.startswith(("http://", "https://")):
         return {"url": image}
+    name = "image"
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise InvalidJob(f"image: {path} is not a file, nor an http(s) URL")
-        image = path.read_bytes()
-    if len(image) > MAX_BASE64_IMAGE_BYTES:
+        name, image = path.name, path.read_bytes()
+    if len(image) <= MAX_BASE64_IMAGE_BYTES:
+        return {"base64": base64.b64encode(image).decode()}
+    if store is None:
         raise InvalidJob(
             f"image: {len(image) / 2**20:.1f} MiB is over the {MAX_BASE64_IMAGE_BYTES // 1024} "
-            "KiB inline cap; pass an http(s) URL or an s3 reference instead"
+            "KiB inline cap; pass an http(s) URL or an s3 reference, or give the client an "
+            "object_store to upload it to"
         )
-    return {"base64": base64.b64encode(image).decode()}
+    return {
+        "s3": {"bucket": store.bucket, "key": _upload(store, f"uploads/{job_id}/{name}", image)}
+    }
+
+
+def _upload(store: ObjectStoreSettings, key: str, data: bytes) -> str:
+    """Put `data` in the fleet's bucket (blocking; called in a thread) and return its key."""
+    import io
+
+    from ._extras import require_extra
+
+    require_extra("s3", ["minio"], "uploading images over the inline cap")
+    from minio import Minio
+    from minio.error import MinioException
+
+    client = Minio(
+        store.endpoint,
+        store.access_key,
+        store.secret_key.get_secret_value(),
+        secure=store.secure,
+        region=store.region,
+    )
+    try:
+        client.put_object(store.bucket, key, io.BytesIO(data), len(data))
+    except (MinioException, OSError) as exc:
+        raise BrokerError(
+            f"could not upload the image to {store.endpoint}/{store.bucket}: {type(exc).__name__}"
+        ) from None
+    return key

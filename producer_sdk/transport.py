@@ -114,7 +114,12 @@ class KafkaTransport:
         return int(sent.partition), int(sent.offset)
 
     async def partitions(self, topic: str) -> int:
-        found = await self._producer.partitions_for(topic)
+        from aiokafka.errors import KafkaError
+
+        try:
+            found = await self._producer.partitions_for(topic)
+        except KafkaError as exc:
+            raise BrokerError(f"could not read the metadata of {topic}: {exc}") from None
         if not found:
             raise BrokerError(f"topic {topic} does not exist; create it with `i2v topics create`")
         return len(found)

@@ -238,3 +238,29 @@ def test_the_sync_client_follows_a_job(
         assert types[-1] == "succeeded"
         assert client.wait(job.job_id, timeout=10).num_frames == 5
         assert client.status(job.job_id).state.value == "succeeded"
+
+
+async def test_a_large_local_image_goes_through_the_object_store(
+    worker: Any, cluster: Any, worker_topics: TopicNames, tmp_path: Path
+) -> None:
+    """Over the inline cap, a client with an object store uploads and sends an s3 reference."""
+    import numpy as np
+    from PIL import Image
+
+    from producer_sdk import InvalidJob
+
+    big = tmp_path / "noise.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(big)
+    assert big.stat().st_size > 1024 * 1024
+
+    async with AsyncClient(kafka=cluster.kafka, topics=worker_topics) as plain:
+        with pytest.raises(InvalidJob, match="object_store"):
+            await plain.submit(big, prompt="p", **CHEAP)
+    async with AsyncClient(
+        kafka=cluster.kafka, topics=worker_topics, object_store=cluster.s3
+    ) as client:
+        job = await client.submit(big, prompt="p", **CHEAP)
+        assert job.request.image.model_dump()["s3"]["key"] == f"uploads/{job.job_id}/noise.png"
+        result = await client.wait(job.job_id, timeout=90)
+    assert result.num_frames == 5

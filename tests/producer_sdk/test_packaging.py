@@ -17,7 +17,7 @@ def test_sdk_dependencies_do_not_pull_torch() -> None:
     base = " ".join(project["dependencies"]).lower()
     for heavy in ("torch", "diffusers", "transformers", "minio"):
         assert heavy not in base
-    assert {"worker", "npu", "dev"} <= set(project["optional-dependencies"])
+    assert {"worker", "npu", "dev", "s3"} <= set(project["optional-dependencies"])
     assert project["scripts"]["i2v"] == "producer_sdk.cli:main"
 
 
