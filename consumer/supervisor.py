@@ -94,6 +94,9 @@ class Stats:
 class Supervisor:
     """One lane of a node: one consumer-group member and one persistent engine."""
 
+    retry_pause_s = 5.0
+    """Pause before claiming again after a job could not reach its final event."""
+
     def __init__(
         self,
         settings: WorkerSettings,
@@ -189,7 +192,20 @@ class Supervisor:
             unpaused = set(consumer.assignment()) - set(consumer.paused())
             if unpaused:
                 consumer.pause(*unpaused)
-        await task
+        try:
+            await task
+        except Exception:
+            # The job could not reach a final event (the broker refused it, say): leave the
+            # record uncommitted and fetch it again after a pause, rather than lose it.
+            log.exception(
+                "job at %s@%s ended without a final event; it will be claimed again",
+                tp,
+                record.offset,
+            )
+            consumer.seek(tp, record.offset)
+            consumer.resume(*consumer.assignment())
+            await asyncio.sleep(self.retry_pause_s)
+            return
         try:
             await consumer.commit({tp: record.offset + 1})
         except KafkaError as exc:
