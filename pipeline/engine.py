@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .caches import applied_cache
+from .caches import CacheControl, applied_cache
 from .devices import is_out_of_memory
 from .errors import OutOfMemory
 from .loading import WanComponents, load_components
@@ -147,6 +147,26 @@ class WanI2V:
         transformer = c.transformer
         steps = len(scheduler.timesteps)
         report(DENOISING, 0, steps)
+
+        def predict(
+            cache: CacheControl,
+            step: int,
+            branch: str,
+            x: torch.Tensor,
+            timestep: torch.Tensor,
+            text: torch.Tensor,
+        ) -> torch.Tensor:
+            """One transformer pass for one guidance branch ("cond" or "uncond")."""
+            cache.at(step, branch)
+            with transformer.cache_context(branch):
+                return transformer(  # type: ignore[no-any-return]
+                    hidden_states=x,
+                    timestep=timestep,
+                    encoder_hidden_states=text,
+                    encoder_hidden_states_image=image_embeds,
+                    return_dict=False,
+                )[0]
+
         with applied_cache(transformer, r.cache, steps) as cache:
             for i, t in enumerate(scheduler.timesteps):
                 if stop():
@@ -154,26 +174,10 @@ class WanI2V:
                     return Stopped(step=i, total_steps=steps, seed=seed, timings=timings)
                 model_input = torch.cat([latents, condition], dim=1).to(c.dtype)
                 timestep = t.expand(latents.shape[0])
-                cache.at(i, "cond")
-                with transformer.cache_context("cond"):
-                    noise = transformer(
-                        hidden_states=model_input,
-                        timestep=timestep,
-                        encoder_hidden_states=prompt_embeds,
-                        encoder_hidden_states_image=image_embeds,
-                        return_dict=False,
-                    )[0]
+                noise = predict(cache, i, "cond", model_input, timestep, prompt_embeds)
                 if negative_embeds is not None:
-                    cache.at(i, "uncond")
-                    with transformer.cache_context("uncond"):
-                        noise_uncond = transformer(
-                            hidden_states=model_input,
-                            timestep=timestep,
-                            encoder_hidden_states=negative_embeds,
-                            encoder_hidden_states_image=image_embeds,
-                            return_dict=False,
-                        )[0]
-                    noise = noise_uncond + r.guidance_scale * (noise - noise_uncond)
+                    uncond = predict(cache, i, "uncond", model_input, timestep, negative_embeds)
+                    noise = uncond + r.guidance_scale * (noise - uncond)
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
                 report(DENOISING, i + 1, steps)
             cached_steps = cache.reused_steps()
