@@ -30,6 +30,11 @@ class ControlWatcher:
         self._caught_up = asyncio.Event()
         self._consumer: Any = None
 
+    @property
+    def alive(self) -> bool:
+        """True while the reader task runs (for /readyz)."""
+        return self._task is not None and not self._task.done()
+
     def cancelled(self, job_id: UUID) -> CancelRequest | None:
         return self._cancels.get(job_id)
 
@@ -68,7 +73,14 @@ class ControlWatcher:
         if all(end == 0 for end in ends.values()):
             self._caught_up.set()
         while True:
-            batch = await consumer.getmany(timeout_ms=500)
+            try:
+                batch = await consumer.getmany(timeout_ms=500)
+            except Exception as exc:
+                # A cancel missed because this reader died would let a job run to the end:
+                # never stop following; say so and try again.
+                log.warning("reading %s failed (%s); retrying", self.topic, exc)
+                await asyncio.sleep(1.0)
+                continue
             for records in batch.values():
                 for record in records:
                     self._apply(record)
@@ -79,7 +91,7 @@ class ControlWatcher:
 
     def _apply(self, record: Any) -> None:
         if record.value is None:  # a tombstone clears a cancel
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, AttributeError, UnicodeDecodeError):
                 self._cancels.pop(UUID(record.key.decode()), None)
             return
         try:

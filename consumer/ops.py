@@ -47,6 +47,7 @@ async def _readyz(request: web.Request) -> web.Response:
     checks = {
         "model_loaded": sup.engine.alive,
         "kafka": sup.ready.is_set(),
+        "cancel_reader": sup.control is not None and sup.control.alive,
         "object_store": await sup.store.ping(),
     }
     ok = all(checks.values())

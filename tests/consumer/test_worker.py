@@ -330,7 +330,12 @@ async def test_ops_endpoints_and_node_heartbeats(
     assert status == 200
     status, body = await asyncio.to_thread(_get, f"{worker.ops_url}/readyz")
     assert status == 200, body
-    assert as_json(body)["checks"] == {"model_loaded": True, "kafka": True, "object_store": True}
+    assert as_json(body)["checks"] == {
+        "model_loaded": True,
+        "kafka": True,
+        "cancel_reader": True,
+        "object_store": True,
+    }
     status, body = await asyncio.to_thread(_get, f"{worker.ops_url}/metrics")
     assert status == 200
     for name in (
