@@ -158,6 +158,15 @@ class HeartbeatEvent(_EventBase):
 
     type: Literal["heartbeat"] = "heartbeat"
     lease_expires_at: Annotated[Timestamp, Field(description="The new end of the lease.")]
+    request_ref: Annotated[
+        RecordRef | None,
+        Field(
+            description=(
+                "Where this attempt's request record lies, so a reaper that did not read "
+                "`started` can still re-publish the job."
+            )
+        ),
+    ] = None
 
 
 class SucceededEvent(_EventBase):

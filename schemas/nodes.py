@@ -53,7 +53,7 @@ class Layout(Message):
 
 
 class NodeInfo(Message):
-    """A node's state, written every 30 s keyed by `node_id`."""
+    """A node's state, written keyed by `node_id` when it changes and every 30 s."""
 
     schema_version: SchemaVersion = 1
     node_id: Annotated[str, Field(min_length=1, max_length=128, description="NODE_ID.")]
@@ -63,6 +63,10 @@ class NodeInfo(Message):
     hostname: Annotated[str, Field(description="Host name.", examples=["gpu-node-17"])]
     version: Annotated[str, Field(description="i2v-fleet version.", examples=["0.1.0"])]
     state: Annotated[NodeState, Field(description="Supervisor state.")]
+    state_since: Annotated[
+        Timestamp | None,
+        Field(description="When the node entered `state` (absent from older nodes)."),
+    ] = None
     device: Annotated[DeviceKind, Field(description="Accelerator kind.")]
     devices: Annotated[list[DeviceInfo], Field(description="Cards seen.")] = Field(
         default_factory=list
