@@ -1,7 +1,8 @@
-"""Cancels: every node follows the whole `i2v.control` topic, without a consumer group.
+"""What every node follows in full, without a consumer group: cancels and peers.
 
-Owns the set of cancelled job ids, read from the start of the topic and kept current.
-Must never block the loop or commit anything: it is a plain reader of a compacted topic.
+Owns the set of cancelled job ids (`i2v.control`) and the last word of every node
+(`i2v.nodes`), each read from the start of its compacted topic and kept current.
+Must never block the loop or commit anything: these are plain readers.
 """
 
 from __future__ import annotations
@@ -14,18 +15,18 @@ from uuid import UUID
 
 from pydantic import ValidationError
 
-from schemas import CANCEL_ADAPTER, CancelRequest
+from schemas import CANCEL_ADAPTER, NODE_INFO_ADAPTER, CancelRequest, NodeInfo, NodeState, utcnow
 
 log = logging.getLogger(__name__)
 
 
-class ControlWatcher:
-    """Follows `i2v.control`; `cancelled(job_id)` answers from memory."""
+class TopicFollower:
+    """Reads a whole topic from its start, then follows it; subclasses say what a record
+    means in `_apply`."""
 
     def __init__(self, kafka_kwargs: dict[str, Any], topic: str) -> None:
         self.kafka_kwargs = kafka_kwargs
         self.topic = topic
-        self._cancels: dict[UUID, CancelRequest] = {}
         self._task: asyncio.Task[None] | None = None
         self._caught_up = asyncio.Event()
         self._consumer: Any = None
@@ -35,8 +36,8 @@ class ControlWatcher:
         """True while the reader task runs (for /readyz)."""
         return self._task is not None and not self._task.done()
 
-    def cancelled(self, job_id: UUID) -> CancelRequest | None:
-        return self._cancels.get(job_id)
+    def _apply(self, record: Any) -> None:
+        raise NotImplementedError
 
     async def start(self, timeout_s: float = 30.0) -> None:
         """Start following and wait until the existing cancels are read."""
@@ -57,7 +58,7 @@ class ControlWatcher:
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
         self._consumer = consumer
-        self._task = asyncio.create_task(self._follow(ends), name="i2v-control")
+        self._task = asyncio.create_task(self._follow(ends), name=f"follow-{self.topic}")
         await asyncio.wait_for(self._caught_up.wait(), timeout_s)
 
     async def stop(self) -> None:
@@ -89,6 +90,17 @@ class ControlWatcher:
                 if all(positions[tp] >= end for tp, end in ends.items()):
                     self._caught_up.set()
 
+
+class ControlWatcher(TopicFollower):
+    """Follows `i2v.control`; `cancelled(job_id)` answers from memory."""
+
+    def __init__(self, kafka_kwargs: dict[str, Any], topic: str) -> None:
+        super().__init__(kafka_kwargs, topic)
+        self._cancels: dict[UUID, CancelRequest] = {}
+
+    def cancelled(self, job_id: UUID) -> CancelRequest | None:
+        return self._cancels.get(job_id)
+
     def _apply(self, record: Any) -> None:
         if record.value is None:  # a tombstone clears a cancel
             with contextlib.suppress(ValueError, AttributeError, UnicodeDecodeError):
@@ -102,3 +114,37 @@ class ControlWatcher:
             )
             return
         self._cancels[cancel.job_id] = cancel
+
+
+class PeerWatcher(TopicFollower):
+    """Follows `i2v.nodes`; `idle_peers()` names the other nodes that are claiming now."""
+
+    def __init__(self, kafka_kwargs: dict[str, Any], topic: str, node_id: str) -> None:
+        super().__init__(kafka_kwargs, topic)
+        self.node_id = node_id
+        self._last: dict[str, NodeInfo] = {}
+
+    def idle_peers(self, max_age_s: float, idle_for_s: float) -> list[str]:
+        """Other nodes whose latest word, at most `max_age_s` old, is that they have been
+        `ready` (idle) for `idle_for_s` at least: a node that just finished a job and is
+        about to claim its next one does not count."""
+        now = utcnow()
+        return sorted(
+            info.node_id
+            for info in self._last.values()
+            if info.node_id != self.node_id
+            and info.state is NodeState.READY
+            and (now - info.time).total_seconds() <= max_age_s
+            and (now - (info.state_since or info.time)).total_seconds() >= idle_for_s
+        )
+
+    def _apply(self, record: Any) -> None:
+        if record.value is None:
+            with contextlib.suppress(AttributeError, UnicodeDecodeError):
+                self._last.pop(record.key.decode(), None)
+            return
+        try:
+            info = NODE_INFO_ADAPTER.validate_json(record.value)
+        except ValidationError:
+            return  # another version's record or garbage: not a peer we can reason about
+        self._last[info.node_id] = info

@@ -123,6 +123,7 @@ def engine_main(conn: Connection, config: EngineConfig) -> None:
         write_poster,
     )
 
+    _die_with_parent()
     t0 = time.perf_counter()
     try:
         engine = WanI2V.load(config.model_dir, device=config.device, t5_cpu=config.t5_cpu)
@@ -185,6 +186,23 @@ def engine_main(conn: Connection, config: EngineConfig) -> None:
         except Exception as exc:  # a bug or a library error: fail this job, keep serving
             log.exception("engine error in job %s", job_id)
             conn.send(JobFailed(job_id, "internal", f"engine error: {type(exc).__name__}", True))
+
+
+def _die_with_parent() -> None:
+    """Make the kernel kill this process when its supervisor dies, even by SIGKILL: an
+    orphaned engine would hold the device's memory and the next engine could not load."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    parent = mp.parent_process()
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if parent is not None and os.getppid() != parent.pid:  # it died before the prctl
+        os._exit(1)
 
 
 # -- the parent ------------------------------------------------------------------------

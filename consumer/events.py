@@ -23,6 +23,7 @@ from schemas import (
     NodeInfo,
     Phase,
     ProgressEvent,
+    RecordRef,
     RequeuedEvent,
     RequeueReason,
     StartedEvent,
@@ -30,7 +31,18 @@ from schemas import (
     TopicNames,
     utcnow,
 )
-from schemas.topics import HEADER_EVENT_TYPE, HEADER_SCHEMA_VERSION
+from schemas.topics import (
+    HEADER_ERROR_CODE,
+    HEADER_ERROR_MESSAGE,
+    HEADER_EVENT_TYPE,
+    HEADER_FAILED_AT,
+    HEADER_NODE_ID,
+    HEADER_ORIGINAL_OFFSET,
+    HEADER_ORIGINAL_PARTITION,
+    HEADER_ORIGINAL_TIMESTAMP,
+    HEADER_ORIGINAL_TOPIC,
+    HEADER_SCHEMA_VERSION,
+)
 
 # Share of a whole job each phase stands for, to turn (phase, step) into one percentage.
 _PHASE_SHARE: dict[Phase, float] = {
@@ -67,13 +79,24 @@ class Emitter:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def started(self, job: JobRequest, lease_s: float) -> StartedEvent:
-        event = StartedEvent(**self._common(job), lease_expires_at=_lease(lease_s), request=job)
+    async def started(
+        self, job: JobRequest, lease_s: float, ref: RecordRef | None = None
+    ) -> StartedEvent:
+        """The claim: carries the request, or only `ref` when given (a large request)."""
+        event = StartedEvent(
+            **self._common(job),
+            lease_expires_at=_lease(lease_s),
+            request=None if ref is not None else job,
+            request_ref=ref,
+        )
         await self._status(event)
         return event
 
-    async def heartbeat(self, job: JobRequest, lease_s: float) -> None:
-        await self._status(HeartbeatEvent(**self._common(job), lease_expires_at=_lease(lease_s)))
+    async def heartbeat(self, job: JobRequest, lease_s: float, ref: RecordRef | None) -> None:
+        event = HeartbeatEvent(
+            **self._common(job), lease_expires_at=_lease(lease_s), request_ref=ref
+        )
+        await self._status(event)
 
     async def succeeded(self, job: JobRequest, result: JobResult) -> None:
         await self._status(SucceededEvent(**self._common(job), result=result), final=True)
@@ -100,12 +123,21 @@ class Emitter:
         await self._status(CancelledEvent(**self._common(job), reason=reason), final=True)
 
     async def requeued(
-        self, job: JobRequest, reason: RequeueReason, error: ErrorInfo | None
+        self,
+        job: JobRequest,
+        reason: RequeueReason,
+        error: ErrorInfo | None,
+        seq: int | None = None,
     ) -> None:
+        """`seq` continues another node's numbering (a reaper marking a lost attempt)."""
         event = RequeuedEvent(
-            **self._common(job), reason=reason, next_attempt=job.attempt + 1, error=error
+            **self._common(job, seq), reason=reason, next_attempt=job.attempt + 1, error=error
         )
         await self._status(event, final=True)
+
+    async def failed_lost(self, job: JobRequest, error: ErrorInfo, seq: int) -> None:
+        """A reaper's `failed` for another node's attempt, continuing that attempt's `seq`."""
+        await self._status(FailedEvent(**self._common(job, seq), error=error), final=True)
 
     # -- progress --------------------------------------------------------------------
 
@@ -143,6 +175,29 @@ class Emitter:
             headers=[(HEADER_SCHEMA_VERSION, b"1")],
         )
 
+    async def dead_letter(
+        self,
+        value: bytes,
+        key: bytes | None,
+        error: ErrorInfo,
+        origin: RecordRef | None,
+        timestamp_ms: int | None = None,
+    ) -> None:
+        """Copy a record to the DLQ with why, where it came from, and who sent it."""
+        headers = [
+            (HEADER_ERROR_CODE, error.code.value.encode()),
+            (HEADER_ERROR_MESSAGE, error.message[:1000].encode()),
+            (HEADER_ORIGINAL_TOPIC, (origin.topic if origin else self.topics.requests).encode()),
+            (HEADER_NODE_ID, self.node_id.encode()),
+            (HEADER_FAILED_AT, utcnow().isoformat().encode()),
+        ]
+        if origin is not None:
+            headers.append((HEADER_ORIGINAL_PARTITION, str(origin.partition).encode()))
+            headers.append((HEADER_ORIGINAL_OFFSET, str(origin.offset).encode()))
+        if timestamp_ms is not None:
+            headers.append((HEADER_ORIGINAL_TIMESTAMP, str(timestamp_ms).encode()))
+        await self.producer.send_and_wait(self.topics.dlq, value, key=key, headers=headers)
+
     async def node_info(self, info: NodeInfo) -> None:
         await self.producer.send_and_wait(
             self.topics.nodes,
@@ -153,10 +208,10 @@ class Emitter:
 
     # -- internals -------------------------------------------------------------------
 
-    def _common(self, job: JobRequest) -> dict[str, Any]:
+    def _common(self, job: JobRequest, seq: int | None = None) -> dict[str, Any]:
         return {
             "job_id": job.job_id,
-            "seq": self._next((job.job_id, job.attempt)),
+            "seq": self._next((job.job_id, job.attempt)) if seq is None else seq,
             "node_id": self.node_id,
             "attempt": job.attempt,
             "metadata": job.metadata,

@@ -47,5 +47,22 @@ class Metrics:
             "i2v_dead_letters_total", "Records sent to the dead-letter topic.", registry=r
         )
 
+        self.reaped = Counter(
+            "i2v_reaped_total",
+            "Attempts this node's reaper found with an expired lease and handed back.",
+            registry=r,
+        )
+        self.group_leaves = Counter(
+            "i2v_group_leaves_total",
+            "Times this node left i2v-workers while busy, so idle nodes take its partitions.",
+            registry=r,
+        )
+        self.requeues = Counter(
+            "i2v_requeues_total",
+            "Attempts this node handed back itself, by reason.",
+            ["reason"],
+            registry=r,
+        )
+
     def ended(self, outcome: str, code: str = "") -> None:
         self.jobs.labels(outcome=outcome, code=code).inc()

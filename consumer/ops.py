@@ -48,6 +48,7 @@ async def _readyz(request: web.Request) -> web.Response:
         "model_loaded": sup.engine.alive,
         "kafka": sup.ready.is_set(),
         "cancel_reader": sup.control is not None and sup.control.alive,
+        "reaper": sup.reaper is not None and sup.reaper.alive,
         "object_store": await sup.store.ping(),
     }
     ok = all(checks.values())
@@ -90,5 +91,13 @@ async def _info(request: web.Request) -> web.Response:
             "object_store": f"{s.minio_endpoint}/{s.minio_bucket}",
             "outcomes": stats.outcomes,
             "current_job": current,
+            "requests_partitions": sup.claiming(),
+            "reaper": None
+            if sup.reaper is None
+            else {
+                "status_partitions": sorted(sup.reaper.partitions),
+                "open_jobs": sup.reaper.open_jobs,
+                "reaped": sup.reaper.reaped,
+            },
         }
     )

@@ -37,9 +37,30 @@ class WorkerSettings(BaseSettings):
     # -- jobs ------------------------------------------------------------------------------
     task_timeout: int = Field(1800, ge=1, description="Default run-time limit per job (s).")
     max_attempts: int = Field(3, ge=1)
-    lease_s: float = Field(60.0, gt=0)
-    heartbeat_s: float = Field(15.0, gt=0)
+    lease_s: float = Field(60.0, gt=0, description="A claim lasts this long unless renewed (s).")
+    heartbeat_s: float = Field(15.0, gt=0, description="Lease renewal interval (s).")
+    lease_grace_s: float = Field(
+        30.0, ge=0, description="Reapers wait this long past a lease's end: covers clock skew."
+    )
+    reaper_lookback_s: float = Field(
+        24 * 3600.0, gt=0, description="How far back a reaper reads i2v.status on assignment (s)."
+    )
+    reaper_interval_s: float = Field(1.0, gt=0, description="How often a reaper checks leases.")
     shutdown_grace: float = Field(60.0, ge=0)
+    leave_group_while_busy: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description=(
+            "auto: a busy node leaves i2v-workers when records wait in its partitions; "
+            "always: at every claim; never: it keeps its partitions paused (one-node fleets)."
+        ),
+    )
+    upload_retry_s: float = Field(
+        300.0, ge=0, description="How long a finished video's upload keeps retrying (s)."
+    )
+    i2v_failpoints: str = Field(
+        "",
+        description="Testing only: name[=probability],... of points where the node kills itself.",
+    )
     engine_stall_timeout: float = Field(600.0, gt=0)
     engine_start_timeout: float = Field(1800.0, gt=0)
     allowed_hosts: str = "*"
@@ -74,6 +95,7 @@ class WorkerSettings(BaseSettings):
     i2v_topic_dlq: str = TopicNames().dlq
     i2v_topic_nodes: str = TopicNames().nodes
     workers_group: str = "i2v-workers"
+    reapers_group: str = "i2v-reapers"
 
     # -- object store ----------------------------------------------------------------------
     minio_endpoint: str = "localhost:9000"

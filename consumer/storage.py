@@ -171,6 +171,7 @@ class ResultStore:
         num_frames: int,
         fps: int,
         timings: Mapping[str, float],
+        on_video_stored: Callable[[], None] | None = None,
     ) -> JobResult:
         """Upload video, poster and then `meta.json` (your meta plus `result`); return the result.
 
@@ -206,6 +207,8 @@ class ResultStore:
                     bucket, keys.video, str(video_path), content_type="video/mp4"
                 ),
             )
+            if on_video_stored is not None:
+                on_video_stored()
             written.append(keys.poster)
             await self._call(
                 f"upload {keys.poster}", lambda: self._put(keys.poster, poster, "image/jpeg")

@@ -1,7 +1,8 @@
 """`i2v worker`: build the node from its settings and run its supervisor until told to stop.
 
 Owns process-edge wiring: settings, logging, signals (the first SIGTERM/SIGINT stops
-claiming and lets the running job finish; a second one exits at once), and shutdown order.
+claiming and gives the running job SHUTDOWN_GRACE to finish before it is handed back to the
+queue; a second one exits at once and leaves the job to its lease), and shutdown order.
 """
 
 from __future__ import annotations
@@ -58,7 +59,12 @@ async def serve(settings: WorkerSettings) -> None:
         if signals["count"] > 1:
             log.warning("second signal: exiting now")
             os._exit(130)
-        log.info("signal %s: finishing the running job, then stopping", signum)
+        log.info(
+            "signal %s: no more claims; a running job has %.0f s (SHUTDOWN_GRACE) to finish, "
+            "then it is handed back; a second signal exits now",
+            signum,
+            settings.shutdown_grace,
+        )
         supervisor.stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -157,6 +157,8 @@ def worker(
         "WORK_DIR": str(tmp_path_factory.mktemp("work")),
         "HEARTBEAT_S": "1",
         "LEASE_S": "10",
+        # Above the longest silent phase of a cheap job here (VAE decoding, ~8 s).
+        "ENGINE_STALL_TIMEOUT": "20",
         "PROGRESS_INTERVAL_S": "0.1",
         "SERVER_HOST": "127.0.0.1",
         "SERVER_PORT": str(ops_port),

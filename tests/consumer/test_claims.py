@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from aiokafka import TopicPartition
 
+from consumer.settings import WorkerSettings
 from consumer.supervisor import Supervisor, _claim_oldest
 
 
@@ -27,6 +30,23 @@ class _FakeConsumer:
     paused_set: set[TopicPartition] = field(default_factory=set)
     seeks: list[tuple[TopicPartition, int]] = field(default_factory=list)
     commits: list[dict[TopicPartition, int]] = field(default_factory=list)
+    ends: dict[TopicPartition, int] = field(default_factory=dict)
+    positions: dict[TopicPartition, int] = field(default_factory=dict)
+    subscribed: bool = True
+
+    def subscription(self) -> set[str]:
+        return {"r"} if self.subscribed else set()
+
+    def unsubscribe(self) -> None:
+        self.subscribed = False
+        self.parts = set()
+        self.paused_set = set()
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self.ends.get(tp, 0) for tp in tps}
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.positions.get(tp, 0)
 
     def assignment(self) -> set[TopicPartition]:
         return self.parts
@@ -64,33 +84,123 @@ def test_the_oldest_head_is_claimed_and_the_rest_rewound() -> None:
     assert sorted(consumer.seeks, key=lambda s: s[0].partition) == [(t0, 10), (t1, 6)]
 
 
-async def test_a_job_that_cannot_finish_is_not_committed(monkeypatch: Any) -> None:
-    """If no final event could be written, the offset stays and the record comes back."""
+_JOB = SimpleNamespace(job_id="3f2b8c1e-1d2a-4c55-9d7e-0b1f2a3c4d5e")
+
+
+def _supervisor(idle: tuple[str, ...] = ("idle-node",), **env: Any) -> Supervisor:
+    settings = WorkerSettings(
+        _env_file=None,  # type: ignore[call-arg]
+        **{"shutdown_grace": 0.0, **env},
+    )
+    supervisor = Supervisor(settings, engine=None, store=None, policy=None)  # type: ignore[arg-type]
+    supervisor.retry_pause_s = 0.0
+    supervisor.lag_check_s = 0.01
+    supervisor.peers = SimpleNamespace(idle_peers=lambda max_age_s, idle_for_s: idle)  # type: ignore[assignment]
+    return supervisor
+
+
+async def test_a_claim_that_fails_is_not_committed(monkeypatch: Any) -> None:
+    """If the claim's first event could not be written, the offset stays and the record
+    comes back."""
     tp = TopicPartition("r", 0)
     consumer = _FakeConsumer({tp})
-    supervisor = Supervisor.__new__(Supervisor)
+    supervisor = _supervisor()
 
-    async def broken(record: Any) -> None:
+    async def broken(record: Any, ref: Any) -> None:
         raise ConnectionError("broker went away")
 
-    monkeypatch.setattr(supervisor, "_handle", broken, raising=False)
-    monkeypatch.setattr(supervisor, "retry_pause_s", 0.0, raising=False)
-    await supervisor._serve(consumer, _Record("r", 0, 42, 0))
+    monkeypatch.setattr(supervisor, "_admit", broken)
+    await supervisor._serve(consumer, _Record("r", 0, 42, 0), waiting=False)
     assert consumer.commits == []
     assert consumer.seeks[-1] == (tp, 42)
     assert not consumer.paused_set
 
 
-async def test_a_finished_job_is_committed_and_partitions_resumed(monkeypatch: Any) -> None:
-    """After the final event the offset moves past the record and claiming resumes."""
-    tp = TopicPartition("r", 0)
-    consumer = _FakeConsumer({tp})
-    supervisor = Supervisor.__new__(Supervisor)
+async def test_a_claim_is_committed_before_the_job_runs(monkeypatch: Any) -> None:
+    """Once `started` is acked the offset moves past the record (a lease covers the rest);
+    the node stays a member with every partition paused while nothing waits behind it."""
+    tp, other = TopicPartition("r", 0), TopicPartition("r", 1)
+    consumer = _FakeConsumer({tp, other})
+    supervisor = _supervisor()
+    seen: list[Any] = []
 
-    async def done(record: Any) -> None:
-        assert consumer.paused_set == {tp}  # nothing else is claimed while it runs
+    async def admit(record: Any, ref: Any) -> Any:
+        return _JOB
 
-    monkeypatch.setattr(supervisor, "_handle", done, raising=False)
-    await supervisor._serve(consumer, _Record("r", 0, 42, 0))
-    assert consumer.commits == [{tp: 43}]
+    async def execute(job: Any, ref: Any) -> None:
+        seen.append((list(consumer.commits), set(consumer.paused_set), consumer.subscribed))
+        await asyncio.sleep(0.1)
+
+    monkeypatch.setattr(supervisor, "_admit", admit)
+    monkeypatch.setattr(supervisor, "_execute", execute)
+    await supervisor._serve(consumer, _Record("r", 0, 42, 0), waiting=False)
+    assert seen == [([{tp: 43}], {tp, other}, True)]
+    assert consumer.subscribed
     assert not consumer.paused_set
+
+
+async def test_a_busy_node_leaves_the_group_when_records_wait(monkeypatch: Any) -> None:
+    """Records behind the running job (in the batch, or arriving later in a paused
+    partition) make the node leave, so an idle member gets the partitions."""
+    tp = TopicPartition("r", 0)
+    supervisor = _supervisor()
+    left_while_running: list[bool] = []
+
+    async def admit(record: Any, ref: Any) -> Any:
+        return _JOB
+
+    monkeypatch.setattr(supervisor, "_admit", admit)
+
+    # Waiting at claim time: leaves at once.
+    consumer = _FakeConsumer({tp})
+
+    async def execute(job: Any, ref: Any) -> None:
+        await asyncio.sleep(0.1)
+        left_while_running.append(not consumer.subscribed)
+
+    monkeypatch.setattr(supervisor, "_execute", execute)
+    await supervisor._serve(consumer, _Record("r", 0, 42, 0), waiting=True)
+    assert left_while_running == [True]
+
+    # A record lands behind the job later: the lag check sees it and leaves.
+    consumer = _FakeConsumer({tp}, positions={tp: 43})
+    arrived = asyncio.Event()
+
+    async def execute_then_lag(job: Any, ref: Any) -> None:
+        await asyncio.sleep(0.05)
+        assert consumer.subscribed
+        consumer.ends[tp] = 44
+        arrived.set()
+        await asyncio.sleep(0.2)
+        left_while_running.append(not consumer.subscribed)
+
+    monkeypatch.setattr(supervisor, "_execute", execute_then_lag)
+    await supervisor._serve(consumer, _Record("r", 0, 42, 0), waiting=False)
+    assert left_while_running == [True, True]
+    assert supervisor.metrics.group_leaves._value.get() == 2
+
+
+@pytest.mark.parametrize(
+    ("policy", "idle"), [("never", ("idle-node",)), ("auto", ())], ids=["never", "no-idle-peer"]
+)
+async def test_staying_keeps_the_partitions_paused(
+    monkeypatch: Any, policy: str, idle: tuple[str, ...]
+) -> None:
+    """With `never`, or when no other node is idle (leaving would only cost two
+    rebalances), a busy node keeps its partitions paused."""
+    tp = TopicPartition("r", 0)
+    supervisor = _supervisor(idle, leave_group_while_busy=policy)
+    consumer = _FakeConsumer({tp}, ends={tp: 50}, positions={tp: 43})
+
+    async def admit(record: Any, ref: Any) -> Any:
+        return _JOB
+
+    async def execute(job: Any, ref: Any) -> None:
+        await asyncio.sleep(0.1)
+        assert consumer.subscribed
+        assert consumer.paused_set == {tp}
+
+    monkeypatch.setattr(supervisor, "_admit", admit)
+    monkeypatch.setattr(supervisor, "_execute", execute)
+    await supervisor._serve(consumer, _Record("r", 0, 42, 0), waiting=True)
+    assert consumer.subscribed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import signal
 import subprocess
 import time
 import urllib.error
@@ -310,6 +311,30 @@ async def test_a_killed_engine_is_restarted_and_the_job_retried(
     assert worker.poll() is None  # the node itself kept running
 
 
+@pytest.mark.chaos
+async def test_a_stalled_engine_is_replaced_and_the_job_retried(
+    worker: Any, cluster: Any, worker_topics: TopicNames
+) -> None:
+    """An engine that makes no step for ENGINE_STALL_TIMEOUT (here: frozen) is killed and
+    restarted; the attempt is handed back as retryable and the next one succeeds."""
+    job = _job(infer_steps=30)
+    await _publish(cluster.kafka, worker_topics.requests, job.model_dump_json().encode(), job.key)
+    await _wait_for_step(cluster.kafka, worker_topics.progress, job.job_id, 2)
+    os.kill(_engine_pid(worker), signal.SIGSTOP)
+
+    events = await _events(cluster.kafka, worker_topics.status, job.job_id, timeout=120)
+    lifecycle = [(e.type, e.attempt) for e in events if e.type != "heartbeat"]
+    assert lifecycle == [("started", 1), ("requeued", 1), ("started", 2), ("succeeded", 2)]
+    requeued = next(e for e in events if e.type == "requeued")
+    assert (requeued.reason, requeued.error.code, requeued.error.retryable) == (
+        "engine_failure",
+        "internal",
+        True,
+    )
+    assert "made no progress for 20 s" in requeued.error.message
+    assert worker.poll() is None
+
+
 def _get(url: str) -> tuple[int, bytes]:
     path = url
     try:
@@ -334,6 +359,7 @@ async def test_ops_endpoints_and_node_heartbeats(
         "model_loaded": True,
         "kafka": True,
         "cancel_reader": True,
+        "reaper": True,
         "object_store": True,
     }
     status, body = await asyncio.to_thread(_get, f"{worker.ops_url}/metrics")
@@ -344,11 +370,17 @@ async def test_ops_endpoints_and_node_heartbeats(
         "i2v_phase_seconds",
         "i2v_engine_restarts_total",
         "i2v_uploaded_bytes_total",
+        "i2v_reaped_total",
+        "i2v_group_leaves_total",
+        "i2v_requeues_total",
     ):
         assert name.encode() in body, name
     status, body = await asyncio.to_thread(_get, f"{worker.ops_url}/info")
     info = as_json(body)
     assert (status, info["node_id"], info["engine_alive"]) == (200, "test-node-1", True)
+    # The only member of its groups: it claims from, and reaps, every partition.
+    assert info["requests_partitions"] == [0, 1]
+    assert info["reaper"]["status_partitions"] == [0, 1]
     assert "secret" not in body.decode().lower()
 
     consumer = AIOKafkaConsumer(
