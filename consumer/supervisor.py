@@ -279,7 +279,11 @@ class Supervisor:
             if (leave or self._stopping.is_set()) and consumer.subscription():
                 consumer.unsubscribe()  # LeaveGroup: a rebalance hands our partitions on
                 self.metrics.group_leaves.inc()
-                log.info("left %s while busy: records wait behind the job", self.topics.requests)
+                log.info(
+                    "left %s while busy: %s",
+                    self.topics.requests,
+                    "shutting down" if self._stopping.is_set() else "records wait behind the job",
+                )
             if not consumer.subscription():
                 await asyncio.wait({task}, timeout=1.0)
                 continue
