@@ -139,6 +139,17 @@ class Emitter:
         """A reaper's `failed` for another node's attempt, continuing that attempt's `seq`."""
         await self._status(FailedEvent(**self._common(job, seq), error=error), final=True)
 
+    async def republish(self, job: JobRequest) -> None:
+        """Put the job back on `i2v.requests` as its next attempt (acked), before the
+        caller marks this attempt `requeued`: a crash in between duplicates, never loses."""
+        again = job.model_copy(update={"attempt": job.attempt + 1})
+        await self.producer.send_and_wait(
+            self.topics.requests,
+            again.model_dump_json().encode(),
+            key=job.key,
+            headers=[(HEADER_SCHEMA_VERSION, b"1")],
+        )
+
     # -- progress --------------------------------------------------------------------
 
     async def progress(self, job: JobRequest, phase: Phase, step: int, total: int) -> None:

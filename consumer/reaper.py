@@ -36,7 +36,6 @@ from schemas import (
     StartedEvent,
     utcnow,
 )
-from schemas import topics as wire
 
 from .events import Emitter
 from .metrics import Metrics
@@ -231,13 +230,13 @@ class Reaper:
             )
             return
         apply_event(state, event, time.monotonic())
-        cutoff = time.monotonic() - self.settings.reaper_lookback_s
-        if len(state.closed) > 10_000:
-            state.closed = {k: v for k, v in state.closed.items() if v >= cutoff}
 
     async def _reap_expired(self) -> None:
         limit = utcnow() - timedelta(seconds=self.settings.lease_grace_s)
+        forget_before = time.monotonic() - self.settings.reaper_lookback_s
         for state in list(self.partitions.values()):
+            # Jobs closed longer ago than the look-back cannot come back: forget them.
+            state.closed = {k: v for k, v in state.closed.items() if v >= forget_before}
             if not state.caught_up:
                 continue
             for job_id, job in list(state.open.items()):
@@ -278,13 +277,7 @@ class Reaper:
                 "reaper: job %s failed (worker_lost) after %d attempts", job_id, job.attempt
             )
             return
-        again = job.model_copy(update={"attempt": lost.attempt + 1})
-        await self.producer.send_and_wait(
-            self.topics.requests,
-            again.model_dump_json().encode(),
-            key=job.key,
-            headers=[(wire.HEADER_SCHEMA_VERSION, b"1")],
-        )
+        await self.emitter.republish(job)
         error = ErrorInfo(
             code=ErrorCode.WORKER_LOST,
             message=f"node {lost.node_id} stopped renewing its lease {overdue:.0f} s ago",

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import TopicNames
+from schemas.topics import REAPERS_GROUP, WORKERS_GROUP
 
 
 class WorkerSettings(BaseSettings):
@@ -94,8 +95,8 @@ class WorkerSettings(BaseSettings):
     i2v_topic_control: str = TopicNames().control
     i2v_topic_dlq: str = TopicNames().dlq
     i2v_topic_nodes: str = TopicNames().nodes
-    workers_group: str = "i2v-workers"
-    reapers_group: str = "i2v-reapers"
+    workers_group: str = WORKERS_GROUP
+    reapers_group: str = REAPERS_GROUP
 
     # -- object store ----------------------------------------------------------------------
     minio_endpoint: str = "localhost:9000"

@@ -42,7 +42,6 @@ from schemas import (
     describe_validation_error,
     utcnow,
 )
-from schemas import topics as wire
 
 from .control import ControlWatcher, PeerWatcher
 from .engine_host import EngineDied, EngineHost, JobDone, JobProgress, RunJob
@@ -391,7 +390,6 @@ class Supervisor:
         that ends the attempt (a final one, or `requeued`)."""
         with structlog.contextvars.bound_contextvars(job_id=str(job.job_id), attempt=job.attempt):
             before, started = dict(self.stats.outcomes), time.monotonic()
-            self.stats.current = job
             self.metrics.in_flight.inc()
             try:
                 await self._run(job, ref)
@@ -676,13 +674,7 @@ class Supervisor:
             )
             await self._fail(job, lost)
             return
-        again = job.model_copy(update={"attempt": job.attempt + 1})
-        await self._producer.send_and_wait(
-            self.topics.requests,
-            again.model_dump_json().encode(),
-            key=job.key,
-            headers=[(wire.HEADER_SCHEMA_VERSION, b"1")],
-        )
+        await self.emitter.republish(job)
         await self.emitter.requeued(job, reason, error)
         self._ended("requeued", reason.value)
         self.metrics.requeues.labels(reason=reason.value).inc()

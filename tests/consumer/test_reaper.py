@@ -66,6 +66,29 @@ def _heartbeat(job: JobRequest, attempt: int, lease_s: float, seq: int) -> Heart
     )
 
 
+def _succeeded(job: JobRequest, seq: int, attempt: int = 1) -> SucceededEvent:
+    return SucceededEvent.model_validate(
+        {
+            "job_id": job.job_id,
+            "seq": seq,
+            "node_id": "n1",
+            "attempt": attempt,
+            "result": {
+                "bucket": "b",
+                "key": "k",
+                "url": "http://x/k",
+                "url_expires_at": utcnow(),
+                "size_bytes": 1,
+                "sha256": "0" * 64,
+                "width": 16,
+                "height": 16,
+                "num_frames": 5,
+                "fps": 16,
+            },
+        }
+    )
+
+
 def test_the_table_keeps_the_latest_attempt_until_a_final_event() -> None:
     state = PartitionState(caught_up_at=0)
     job = _request()
@@ -94,26 +117,7 @@ def test_the_table_keeps_the_latest_attempt_until_a_final_event() -> None:
     assert state.open[job.job_id].lease_expires_at == before
 
     # Any final event closes the job for good, even one from an older attempt.
-    done = SucceededEvent.model_validate(
-        {
-            "job_id": job.job_id,
-            "seq": 5,
-            "node_id": "n1",
-            "attempt": 1,
-            "result": {
-                "bucket": "b",
-                "key": "k",
-                "url": "http://x/k",
-                "url_expires_at": utcnow(),
-                "size_bytes": 1,
-                "sha256": "0" * 64,
-                "width": 16,
-                "height": 16,
-                "num_frames": 5,
-                "fps": 16,
-            },
-        }
-    )
+    done = _succeeded(job, seq=5)
     apply_event(state, done, 0.0)
     apply_event(state, _heartbeat(job, 2, 60, seq=2), 0.0)
     assert job.job_id not in state.open
@@ -202,30 +206,7 @@ async def test_an_expired_lease_is_republished_then_marked_and_exhaustion_dead_l
     await _send(kafka, topics.status, _started(lost, lease_s=-5, seq=4))
     await _send(kafka, topics.status, b"\x00 not an event")
     await _send(kafka, topics.status, _started(finished, lease_s=-5))
-    await _send(
-        kafka,
-        topics.status,
-        SucceededEvent.model_validate(
-            {
-                "job_id": finished.job_id,
-                "seq": 1,
-                "node_id": "n1",
-                "attempt": 1,
-                "result": {
-                    "bucket": "b",
-                    "key": "k",
-                    "url": "http://x/k",
-                    "url_expires_at": utcnow(),
-                    "size_bytes": 1,
-                    "sha256": "0" * 64,
-                    "width": 16,
-                    "height": 16,
-                    "num_frames": 5,
-                    "fps": 16,
-                },
-            }
-        ),
-    )
+    await _send(kafka, topics.status, _succeeded(finished, seq=1))
 
     producer = AIOKafkaProducer(**kafka.client_kwargs(), acks="all")
     await producer.start()
