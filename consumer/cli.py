@@ -165,4 +165,10 @@ def worker() -> None:
     logs.configure(settings.node_id)
     import asyncio
 
-    asyncio.run(serve(settings))
+    from pipeline.layout import LayoutError
+
+    try:
+        asyncio.run(serve(settings))
+    except LayoutError as exc:
+        err.print(f"[red]invalid layout:[/] {exc}")
+        raise typer.Exit(2) from None

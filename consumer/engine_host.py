@@ -1,8 +1,11 @@
 """The persistent engine: a spawned process that loads the model once and runs jobs.
 
-Owns the parent/child protocol (a handful of small dataclasses over a local pipe) and the
-child's life: start, ready, run, stop, die, restart. The asyncio side never blocks: a
-reader thread turns pipe messages into queue items. More ranks later speak through rank 0.
+Owns the parent/child protocol (a handful of small dataclasses over local pipes) and the
+engine's life: start, ready, run, stop, die, restart. An engine is NPROC rank processes
+(pipeline.parallel): rank 0 takes commands and reports; every rank can report its own
+fatal error, and any rank exiting is noticed at once (its pipe closes). Between jobs
+rank 0 sends the others a keep-alive so an idle engine never trips the collective
+timeout. The asyncio side never blocks: reader threads turn pipe messages into queue items.
 """
 
 from __future__ import annotations
@@ -44,13 +47,31 @@ class Shutdown:
     pass
 
 
+@dataclass(frozen=True)
+class KeepAlive:
+    """Rank 0 to the other ranks while idle: nothing to do, the group is alive."""
+
+
 # -- messages, child -> parent ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """What one rank holds once loaded (shown on /info, checked by the tests)."""
+
+    rank: int
+    device: str
+    text_encoder: bool
+    transformer_param_bytes: int
+    peak_rss_bytes: int
+    pid: int
 
 
 @dataclass(frozen=True)
 class EngineReady:
     device: str
     load_s: float
+    ranks: tuple[RankInfo, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,15 +114,62 @@ class JobFailed:
     code: str
     message: str
     retryable: bool
+    fatal: bool = False
+    """The ranks fell out of step: the engine exits and must be restarted."""
+
+
+@dataclass(frozen=True)
+class RankExited:
+    """A rank's pipe closed: the process is gone (the host's own marker, never sent)."""
+
+    rank: int
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """What the child needs to load the model (plain values: it crosses a spawn)."""
+    """What the ranks need to load the model (plain values: it crosses a spawn)."""
 
     model_dir: str
     device: str | None = None
     t5_cpu: bool = False
+    nproc: int = 1
+    ulysses_size: int = 1
+    cfg_size: int = 1
+    dit_fsdp: bool = False
+    t5_fsdp: bool = False
+    vae_parallel: bool = False
+    cards: tuple[int, ...] = ()
+    """The device indices of this engine's ranks (a lane's cards); () = 0..nproc-1."""
+    collective_timeout_s: float = 600.0
+    """How long a rank waits in a collective before the engine counts as broken."""
+    fault: str = ""
+    """Testing only: `kind:rank:step` makes a rank fail (see `_install_fault`)."""
+
+    @property
+    def layout(self) -> Any:
+        from pipeline.layout import ParallelLayout
+
+        return ParallelLayout(
+            nproc=self.nproc,
+            ulysses_size=self.ulysses_size,
+            cfg_size=self.cfg_size,
+            dit_fsdp=self.dit_fsdp,
+            t5_fsdp=self.t5_fsdp,
+            t5_cpu=self.t5_cpu,
+            vae_parallel=self.vae_parallel,
+        )
+
+    def rank_device(self, rank: int) -> str | None:
+        """This rank's device: its card of the lane on cuda/npu, the CPU otherwise."""
+        if self.device == "cpu" or (self.device is None and self.nproc == 1):
+            return self.device
+        from pipeline.devices import detect_kind
+
+        kind = detect_kind(self.device)
+        if kind == "cpu":
+            return "cpu"
+        cards = self.cards or tuple(range(self.nproc))
+        return f"{kind}:{cards[rank]}"
 
 
 class EngineDied(JobError):
@@ -113,79 +181,193 @@ class EngineDied(JobError):
 # -- the child ---------------------------------------------------------------------------
 
 
-def engine_main(conn: Connection, config: EngineConfig) -> None:
-    """Entry point of the engine process: load once, then serve jobs until Shutdown."""
-    from pipeline import (
-        Generated,
-        PipelineError,
-        WanI2V,
-        encode_mp4,
-        write_poster,
-    )
+def engine_main(conn: Connection, config: EngineConfig, rank: int = 0, init: str = "") -> None:
+    """Entry point of one rank: load once, then serve jobs until Shutdown."""
+    import os
+
+    from pipeline import WanI2V
+    from pipeline.parallel import Ranks, RanksOutOfStep
 
     _die_with_parent()
     t0 = time.perf_counter()
+    device = config.rank_device(rank)
     try:
-        engine = WanI2V.load(config.model_dir, device=config.device, t5_cpu=config.t5_cpu)
-    except Exception as exc:  # any load failure is reported, then the process exits
-        conn.send(EngineFailed(f"{type(exc).__name__}: {exc}"))
-        return
-    conn.send(EngineReady(device=str(engine.c.device), load_s=time.perf_counter() - t0))
+        if config.nproc > 1:
+            import torch
 
-    pending: list[Any] = []
+            if device in (None, "cpu"):  # share the cores instead of oversubscribing them
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.nproc))
+            dev = torch.device(device or "cpu")
+            if dev.type != "cpu":
+                getattr(torch, dev.type).set_device(dev)
+            ranks = Ranks.start(config.layout, rank, dev, init, config.collective_timeout_s)
+        else:
+            ranks = None
+        engine = WanI2V.load(config.model_dir, device=device, ranks=ranks, layout=config.layout)
+        _install_fault(engine, config.fault, rank)
+    except Exception as exc:  # any load failure is reported, then the process exits
+        log.exception("rank %d could not load the model", rank)
+        conn.send(EngineFailed(f"rank {rank}: {type(exc).__name__}: {exc}"))
+        return
+    infos = engine.ranks.gather_objects(_rank_info(engine, rank))
+    if rank == 0:
+        conn.send(EngineReady(str(engine.c.device), time.perf_counter() - t0, tuple(infos)))
+    keepalive_s = config.collective_timeout_s / 3
+
+    commands: list[Any] = []
     while True:
-        message = pending.pop(0) if pending else conn.recv()
+        if rank == 0:
+            if commands:
+                message = commands.pop(0)
+            else:
+                message = conn.recv() if conn.poll(keepalive_s) else KeepAlive()
+            if isinstance(message, StopJob):
+                continue  # for a job that already ended
+            engine.ranks.broadcast_object(message)
+        else:
+            message = engine.ranks.broadcast_object()
         if isinstance(message, Shutdown):
+            engine.ranks.close()
             return
         if not isinstance(message, RunJob):
-            continue  # a StopJob for a job that already ended
-        job_id = message.job_id
-        stop = {"flag": False}
-
-        def should_stop(job_id: str = job_id, stop: dict[str, bool] = stop) -> bool:
-            while conn.poll():
-                incoming = conn.recv()
-                if isinstance(incoming, StopJob) and incoming.job_id == job_id:
-                    stop["flag"] = True
-                elif isinstance(incoming, Shutdown):
-                    stop["flag"] = True
-                    pending.append(incoming)
-            return stop["flag"]
-
-        def on_progress(phase: str, step: int, total: int, job_id: str = job_id) -> None:
-            conn.send(JobProgress(job_id, phase, step, total))
-
+            continue
         try:
-            outcome = engine.generate(message.request, on_progress, should_stop)
-            if not isinstance(outcome, Generated):
-                conn.send(JobStopped(job_id, outcome.step, outcome.total_steps, outcome.timings))
-                continue
-            on_progress("encoding_video", 0, 1)
-            t_video = time.perf_counter()
-            out = Path(message.out_dir)
-            video, poster = out / "video.mp4", out / "poster.jpg"
-            info = encode_mp4(outcome.frames, video, fps=message.fps)
-            write_poster(outcome.frames[0], poster)
-            timings = {**outcome.timings, "encoding_video": time.perf_counter() - t_video}
-            on_progress("encoding_video", 1, 1)
-            conn.send(
-                JobDone(
-                    job_id,
-                    str(video),
-                    str(poster),
-                    info.width,
-                    info.height,
-                    info.num_frames,
-                    message.fps,
-                    outcome.seed,
-                    timings,
-                )
-            )
-        except PipelineError as exc:
+            _run_job(engine, conn if rank == 0 else None, message, commands)
+        except RanksOutOfStep as exc:
+            code, text, retryable = exc.failure or ("internal", str(exc), True)
+            conn.send(JobFailed(message.job_id, code, text, retryable, fatal=True))
+            os._exit(1)
+
+
+def _run_job(engine: Any, conn: Connection | None, message: RunJob, commands: list[Any]) -> None:
+    """One job on this rank; only rank 0 (with `conn`) reports and writes the video."""
+    from pipeline import Generated, PipelineError, encode_mp4, write_poster
+
+    job_id = message.job_id
+    stop = {"flag": False}
+
+    def should_stop() -> bool:
+        assert conn is not None
+        while conn.poll():
+            incoming = conn.recv()
+            if isinstance(incoming, StopJob) and incoming.job_id == job_id:
+                stop["flag"] = True
+            elif isinstance(incoming, Shutdown):
+                stop["flag"] = True
+                commands.append(incoming)
+        return stop["flag"]
+
+    def on_progress(phase: str, step: int, total: int) -> None:
+        assert conn is not None
+        conn.send(JobProgress(job_id, phase, step, total))
+
+    try:
+        outcome = engine.generate(
+            message.request, on_progress if conn else None, should_stop if conn else None
+        )
+    except PipelineError as exc:  # every rank agreed on it: the engine stays usable
+        if conn is not None:
             conn.send(JobFailed(job_id, exc.code, str(exc), exc.retryable))
-        except Exception as exc:  # a bug or a library error: fail this job, keep serving
-            log.exception("engine error in job %s", job_id)
-            conn.send(JobFailed(job_id, "internal", f"engine error: {type(exc).__name__}", True))
+        return
+    except Exception as exc:
+        if engine.ranks.distributed:  # a collective broke: the group is unusable
+            raise _out_of_step(exc) from exc
+        log.exception("engine error in job %s", job_id)
+        assert conn is not None
+        conn.send(JobFailed(job_id, "internal", f"engine error: {type(exc).__name__}", True))
+        return
+    if conn is None:
+        return
+    if not isinstance(outcome, Generated):
+        conn.send(JobStopped(job_id, outcome.step, outcome.total_steps, outcome.timings))
+        return
+    try:
+        on_progress("encoding_video", 0, 1)
+        t_video = time.perf_counter()
+        out = Path(message.out_dir)
+        video, poster = out / "video.mp4", out / "poster.jpg"
+        info = encode_mp4(outcome.frames, video, fps=message.fps)
+        write_poster(outcome.frames[0], poster)
+        timings = {**outcome.timings, "encoding_video": time.perf_counter() - t_video}
+        on_progress("encoding_video", 1, 1)
+    except PipelineError as exc:
+        conn.send(JobFailed(job_id, exc.code, str(exc), exc.retryable))
+        return
+    except Exception as exc:  # rank 0 alone, after the ranks finished: keep serving
+        log.exception("could not write the video of job %s", job_id)
+        conn.send(JobFailed(job_id, "internal", f"engine error: {type(exc).__name__}", True))
+        return
+    conn.send(
+        JobDone(
+            job_id,
+            str(video),
+            str(poster),
+            info.width,
+            info.height,
+            info.num_frames,
+            message.fps,
+            outcome.seed,
+            timings,
+        )
+    )
+
+
+def _out_of_step(exc: BaseException) -> Exception:
+    from pipeline.parallel import RanksOutOfStep
+
+    if isinstance(exc, RanksOutOfStep):
+        return exc
+    failure = RanksOutOfStep(f"a collective failed: {type(exc).__name__}: {exc}")
+    failure.failure = ("internal", f"engine error: {type(exc).__name__}: {exc}", True)
+    return failure
+
+
+def _rank_info(engine: Any, rank: int) -> RankInfo:
+    import os
+    import resource
+
+    from pipeline.sharding import local_param_bytes
+
+    c = engine.c
+    return RankInfo(
+        rank=rank,
+        device=str(c.device),
+        text_encoder=c.text_encoder is not None,
+        transformer_param_bytes=local_param_bytes(c.transformer),
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        pid=os.getpid(),
+    )
+
+
+def _install_fault(engine: Any, fault: str, rank: int) -> None:
+    """Testing only. `kind:rank:n` makes `rank` fail in its n-th transformer pass (from 0;
+    one pass per guidance branch and step). `raise`: an exception inside the last block,
+    while the other ranks go on into collectives; `raise_after`: an exception after the
+    transformer, outside any collective; `exit`: the process dies inside the forward."""
+    if not fault:
+        return
+    import os
+
+    kind, fault_rank, fault_pass = fault.split(":")
+    if int(fault_rank) != rank:
+        return
+    passes = {"n": -1}
+    transformer = engine.c.transformer
+
+    def count(*_: Any) -> None:
+        passes["n"] += 1
+
+    def fire(*_: Any) -> None:
+        if passes["n"] == int(fault_pass):
+            if kind == "exit":
+                os._exit(3)
+            raise RuntimeError(f"injected fault on rank {rank}")
+
+    transformer.rope.register_forward_pre_hook(count)
+    if kind == "raise_after":
+        transformer.proj_out.register_forward_hook(fire)
+    else:
+        transformer.blocks[-1].register_forward_pre_hook(fire)
 
 
 def _die_with_parent() -> None:
@@ -209,7 +391,8 @@ def _die_with_parent() -> None:
 
 
 class EngineHost:
-    """Starts the engine process, runs one job at a time on it, and restarts it when it dies."""
+    """Starts the engine's rank processes, runs one job at a time on them, and restarts
+    them all when any of them dies or the ranks fall out of step."""
 
     def __init__(self, config: EngineConfig, *, start_timeout_s: float, stall_timeout_s: float):
         self.config = config
@@ -217,32 +400,50 @@ class EngineHost:
         self.stall_timeout_s = stall_timeout_s
         self.restarts = 0
         self.device = ""
-        self._process: Any = None
-        self._conn: Connection | None = None
+        self.ranks: tuple[RankInfo, ...] = ()
+        self._processes: list[Any] = []
+        self._conns: list[Connection] = []
+        self._broken = False
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._reader: threading.Thread | None = None
 
     @property
     def alive(self) -> bool:
-        return self._process is not None and self._process.is_alive()
+        return (
+            bool(self._processes)
+            and not self._broken
+            and all(p.is_alive() for p in self._processes)
+        )
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._processes]
 
     async def start(self) -> None:
-        """Spawn the process and wait until the model is loaded (or its load failed)."""
+        """Spawn the ranks and wait until the model is loaded (or its load failed)."""
         loop = asyncio.get_running_loop()
-        parent, child = mp.get_context("spawn").Pipe()
-        process = mp.get_context("spawn").Process(
-            target=engine_main, args=(child, self.config), name="i2v-engine", daemon=True
-        )
-        process.start()
-        child.close()
-        self._process, self._conn, self._queue = process, parent, asyncio.Queue()
-        queue = self._queue
-        self._reader = threading.Thread(
-            target=_read_pipe, args=(parent, loop, queue), name="i2v-engine-reader", daemon=True
-        )
-        self._reader.start()
+        ctx = mp.get_context("spawn")
+        init = f"tcp://127.0.0.1:{_free_port()}"
+        self._queue, self._broken = asyncio.Queue(), False
+        for rank in range(self.config.nproc):
+            parent, child = ctx.Pipe()
+            process = ctx.Process(
+                target=engine_main,
+                args=(child, self.config, rank, init),
+                name=f"i2v-engine-{rank}",
+                daemon=True,
+            )
+            process.start()
+            child.close()
+            self._processes.append(process)
+            self._conns.append(parent)
+            threading.Thread(
+                target=_read_pipe,
+                args=(parent, rank, loop, self._queue),
+                name=f"i2v-engine-reader-{rank}",
+                daemon=True,
+            ).start()
         try:
-            message = await asyncio.wait_for(queue.get(), self.start_timeout_s)
+            message = await asyncio.wait_for(self._queue.get(), self.start_timeout_s)
         except asyncio.TimeoutError:
             await self.kill()
             raise EngineDied(
@@ -253,9 +454,15 @@ class EngineHost:
             raise InternalError(f"the engine could not load the model: {message.message}")
         if not isinstance(message, EngineReady):
             await self.kill()
-            raise EngineDied("the engine exited while loading the model")
-        self.device = message.device
-        log.info("engine ready on %s in %.1f s", message.device, message.load_s)
+            raise EngineDied("an engine rank exited while loading the model")
+        self.device, self.ranks = message.device, message.ranks
+        log.info(
+            "engine ready on %s in %.1f s (%d rank%s)",
+            message.device,
+            message.load_s,
+            self.config.nproc,
+            "" if self.config.nproc == 1 else "s",
+        )
 
     async def restart(self) -> None:
         await self.kill()
@@ -269,11 +476,13 @@ class EngineHost:
             try:
                 message = await asyncio.wait_for(self._queue.get(), self.stall_timeout_s)
             except asyncio.TimeoutError:
+                self._broken = True
                 raise EngineDied(
                     f"the engine made no progress for {self.stall_timeout_s:.0f} s"
                 ) from None
-            if message is _EOF:
-                raise EngineDied("the engine process exited during the job")
+            if isinstance(message, RankExited):
+                self._broken = True
+                raise EngineDied(f"engine rank {message.rank} exited during the job")
             if getattr(message, "job_id", job.job_id) != job.job_id:
                 continue  # a late message of an earlier job
             if isinstance(message, JobProgress):
@@ -281,6 +490,11 @@ class EngineHost:
             elif isinstance(message, (JobDone, JobStopped)):
                 return message
             elif isinstance(message, JobFailed):
+                if message.fatal:  # the ranks fell out of step; they are exiting
+                    self._broken = True
+                    log.error("engine ranks out of step in job %s: %s", job.job_id, message)
+                    if message.code == "internal":  # a broken collective, not the job
+                        raise EngineDied(message.message)
                 raise _job_error(message)
 
     async def stop_job(self, job_id: str) -> None:
@@ -292,42 +506,50 @@ class EngineHost:
         """Ask the engine to exit after its current step, then make sure it did."""
         with contextlib.suppress(OSError, EngineDied):
             await self._send(Shutdown())
-        if self._process is not None:
-            await asyncio.to_thread(self._process.join, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        for process in self._processes:
+            await asyncio.to_thread(process.join, max(0.0, deadline - time.monotonic()))
         await self.kill()
 
     async def kill(self) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.is_alive():
-            process.kill()
+        processes, self._processes = self._processes, []
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+        for process in processes:
             await asyncio.to_thread(process.join, 10)
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()
 
     async def _send(self, message: Any) -> None:
-        if self._conn is None or not self.alive:
-            raise EngineDied("the engine process is not running")
-        await asyncio.to_thread(self._conn.send, message)
+        if not self._conns or not self.alive:
+            raise EngineDied("the engine is not running")
+        await asyncio.to_thread(self._conns[0].send, message)
 
 
-_EOF = object()
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _read_pipe(
-    conn: Connection, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]
+    conn: Connection, rank: int, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]
 ) -> None:
-    """Forward every message from the child to the loop's queue; `_EOF` when it is gone."""
+    """Forward every message from one rank to the loop's queue; RankExited when it is gone."""
     while True:
         try:
             message = conn.recv()
         except (EOFError, OSError):
-            message = _EOF
+            message = RankExited(rank)
         try:
             loop.call_soon_threadsafe(queue.put_nowait, message)
         except RuntimeError:  # the loop closed: nobody is listening any more
             return
-        if message is _EOF:
+        if isinstance(message, RankExited):
             return
 
 

@@ -6,6 +6,7 @@ shown without credentials and URLs without query strings.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +87,7 @@ async def _info(request: web.Request) -> web.Response:
             "engine_alive": sup.engine.alive,
             "engine_restarts": sup.engine.restarts,
             "layout": sup.layout().model_dump(),
+            "ranks": [dataclasses.asdict(r) for r in sup.engine.ranks],
             "model_dir": str(s.model_ckpt_dir),
             "kafka": s.kafka_bootstrap_servers,
             "object_store": f"{s.minio_endpoint}/{s.minio_bucket}",

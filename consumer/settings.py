@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipeline.layout import ParallelLayout
 from schemas import TopicNames
 from schemas.topics import REAPERS_GROUP, WORKERS_GROUP
 
@@ -34,6 +35,11 @@ class WorkerSettings(BaseSettings):
     nproc: int | None = Field(None, ge=1, description="Ranks per lane [default: cards / lanes].")
     lanes: int = Field(1, ge=1)
     use_attention_cache: bool = False
+    collective_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="A rank waiting this long in a collective counts the engine as broken (s).",
+    )
 
     # -- jobs ------------------------------------------------------------------------------
     task_timeout: int = Field(1800, ge=1, description="Default run-time limit per job (s).")
@@ -116,6 +122,37 @@ class WorkerSettings(BaseSettings):
                 "or leases expire between heartbeats"
             )
         return self
+
+    def engine_layout(self, cards: int) -> ParallelLayout:
+        """One lane's layout on a node with `cards` devices (the CPU counts as one card but
+        runs any NPROC). NPROC defaults to cards / LANES; ULYSSES_SIZE, unless set, to
+        NPROC / CFG_SIZE; FSDP and VAE_PARALLEL only mean something with several ranks."""
+        nproc = self.nproc or max(1, cards // self.lanes)
+        explicit = "ulysses_size" in self.model_fields_set
+        ulysses = self.ulysses_size if explicit else max(1, nproc // self.cfg_size)
+        several = nproc > 1
+        return ParallelLayout(
+            nproc=nproc,
+            ulysses_size=ulysses,
+            cfg_size=self.cfg_size,
+            dit_fsdp=self.dit_fsdp and several,
+            t5_fsdp=self.t5_fsdp and several and not self.t5_cpu,
+            t5_cpu=self.t5_cpu,
+            vae_parallel=self.vae_parallel and several,
+        )
+
+    def lane(self, index: int) -> WorkerSettings:
+        """The settings of lane `index` of LANES: its own group member id, ops port and
+        work directory (lane 0 of a one-lane node keeps the node's own)."""
+        if self.lanes == 1:
+            return self
+        return self.model_copy(
+            update={
+                "node_id": f"{self.node_id}-lane{index}",
+                "server_port": self.server_port + index if self.server_port else 0,
+                "work_dir": self.work_dir / f"lane{index}",
+            }
+        )
 
     @property
     def topics(self) -> TopicNames:

@@ -25,6 +25,7 @@ import structlog
 from aiokafka import ConsumerRebalanceListener
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
+from pipeline.layout import ParallelLayout
 from pipeline.request import AttentionCacheSpec
 from schemas import (
     JOB_REQUEST_ADAPTER,
@@ -118,8 +119,10 @@ class Supervisor:
         engine: EngineHost,
         store: ResultStore,
         policy: FetchPolicy,
+        layout: ParallelLayout | None = None,
     ) -> None:
         self.settings = settings
+        self.parallel = layout or ParallelLayout(t5_cpu=settings.t5_cpu)
         self.engine = engine
         self.store = store
         self.policy = policy
@@ -150,8 +153,18 @@ class Supervisor:
         return sorted(tp.partition for tp in self.claims.assignment())
 
     def layout(self) -> Layout:
-        """The layout this lane's engine actually runs (one rank until multi-card lands)."""
-        return Layout(nproc=1, lanes=1, t5_cpu=self.settings.t5_cpu)
+        """The layout this lane's engine runs."""
+        p = self.parallel
+        return Layout(
+            nproc=p.nproc,
+            lanes=self.settings.lanes,
+            ulysses_size=p.ulysses_size,
+            cfg_size=p.cfg_size,
+            dit_fsdp=p.dit_fsdp,
+            t5_fsdp=p.t5_fsdp,
+            t5_cpu=p.t5_cpu,
+            vae_parallel=p.vae_parallel,
+        )
 
     def stop(self) -> None:
         """Stop claiming and leave the group; the running job gets SHUTDOWN_GRACE to finish,

@@ -1,8 +1,9 @@
-"""`i2v worker`: build the node from its settings and run its supervisor until told to stop.
+"""`i2v worker`: build the node from its settings and run its supervisors until told to stop.
 
-Owns process-edge wiring: settings, logging, signals (the first SIGTERM/SIGINT stops
-claiming and gives the running job SHUTDOWN_GRACE to finish before it is handed back to the
-queue; a second one exits at once and leaves the job to its lease), and shutdown order.
+Owns process-edge wiring: settings, the layout check, lanes (one supervisor and engine per
+LANES share of the cards), signals (the first SIGTERM/SIGINT stops claiming and gives the
+running jobs SHUTDOWN_GRACE to finish before they are handed back to the queue; a second
+one exits at once and leaves the jobs to their leases), and shutdown order.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import asyncio
 import logging
 import os
 import signal
+
+from pipeline.layout import LayoutError, ParallelLayout, lane_devices
 
 from .engine_host import EngineConfig, EngineHost
 from .fetch import FetchPolicy
@@ -21,9 +24,51 @@ from .supervisor import Supervisor
 log = logging.getLogger(__name__)
 
 
-def build(settings: WorkerSettings) -> Supervisor:
+def node_cards(settings: WorkerSettings) -> tuple[str, int]:
+    """The device kind and how many cards this node has (the CPU counts as one)."""
+    from pipeline.devices import detect_kind, device_count
+
+    kind = detect_kind(settings.device)
+    return kind, device_count(kind)
+
+
+def check_layout(settings: WorkerSettings, cards: int) -> ParallelLayout:
+    """The lanes' layout, refused at start (LayoutError) when it cannot run the model."""
+    import json
+
+    layout = settings.engine_layout(cards)
+    config = settings.model_ckpt_dir / "transformer" / "config.json"
+    heads = 1
+    if config.is_file():
+        heads = json.loads(config.read_text()).get("num_attention_heads", 1)  # noqa: TID251 - a config file
+    layout.check(heads)
+    return layout
+
+
+def build_lanes(settings: WorkerSettings) -> list[Supervisor]:
+    """One supervisor per lane, each with its own engine on its share of the cards."""
+    kind, cards = node_cards(settings)
+    layout = check_layout(settings, cards)
+    if kind == "cpu":
+        shares: list[list[int]] = [[] for _ in range(settings.lanes)]
+    else:
+        shares = lane_devices(cards, settings.lanes)
+        if layout.nproc > len(shares[0]):
+            raise LayoutError(
+                f"NPROC={layout.nproc} ranks per lane, but each of the {settings.lanes} "
+                f"lanes has {len(shares[0])} of the node's {cards} cards"
+            )
+    return [build(settings.lane(i), layout, tuple(share)) for i, share in enumerate(shares)]
+
+
+def build(
+    settings: WorkerSettings,
+    layout: ParallelLayout | None = None,
+    cards: tuple[int, ...] = (),
+) -> Supervisor:
     """The supervisor of one lane, with its engine, store and fetch policy."""
     s = settings
+    layout = layout or ParallelLayout(t5_cpu=s.t5_cpu)
     store = ResultStore(
         StoreConfig(
             endpoint=s.minio_endpoint,
@@ -41,16 +86,28 @@ def build(settings: WorkerSettings) -> Supervisor:
         s.allowed_hosts, max_bytes=s.max_image_bytes, deadline_s=s.fetch_timeout_s
     )
     engine = EngineHost(
-        EngineConfig(model_dir=str(s.model_ckpt_dir), device=s.device, t5_cpu=s.t5_cpu),
+        EngineConfig(
+            model_dir=str(s.model_ckpt_dir),
+            device=s.device,
+            t5_cpu=layout.t5_cpu,
+            nproc=layout.nproc,
+            ulysses_size=layout.ulysses_size,
+            cfg_size=layout.cfg_size,
+            dit_fsdp=layout.dit_fsdp,
+            t5_fsdp=layout.t5_fsdp,
+            vae_parallel=layout.vae_parallel,
+            cards=cards,
+            collective_timeout_s=s.collective_timeout_s,
+        ),
         start_timeout_s=s.engine_start_timeout,
         stall_timeout_s=s.engine_stall_timeout,
     )
-    return Supervisor(s, engine, store, policy)
+    return Supervisor(s, engine, store, policy, layout)
 
 
 async def serve(settings: WorkerSettings) -> None:
     """Run until SIGTERM/SIGINT: the first stops claiming, a second exits immediately."""
-    supervisor = build(settings)
+    supervisors = build_lanes(settings)
     loop = asyncio.get_running_loop()
     signals = {"count": 0}
 
@@ -65,8 +122,9 @@ async def serve(settings: WorkerSettings) -> None:
             signum,
             settings.shutdown_grace,
         )
-        supervisor.stop()
+        for supervisor in supervisors:
+            supervisor.stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    await supervisor.run()
+    await asyncio.gather(*(supervisor.run() for supervisor in supervisors))

@@ -72,8 +72,11 @@ class CacheControl:
 
 
 @contextmanager
-def applied_cache(transformer: Any, spec: CacheSpec | None, steps: int) -> Iterator[CacheControl]:
-    """Install `spec` on `transformer` for one generation of `steps` steps, then remove it."""
+def applied_cache(
+    transformer: Any, spec: CacheSpec | None, steps: int, ranks: Any = None
+) -> Iterator[CacheControl]:
+    """Install `spec` on `transformer` for one generation of `steps` steps, then remove it.
+    On several ranks (`ranks`: pipeline.parallel.Ranks) every rank takes the same skips."""
     if spec is None:
         yield CacheControl()
     elif isinstance(spec, AttentionCacheSpec):
@@ -90,7 +93,11 @@ def applied_cache(transformer: Any, spec: CacheSpec | None, steps: int) -> Itera
     elif isinstance(spec, FirstBlockCacheSpec):
         from diffusers.hooks import FirstBlockCacheConfig  # type: ignore[attr-defined]
 
+        from .parallel import agree_first_block_cache
+
         transformer.enable_cache(FirstBlockCacheConfig(threshold=spec.threshold))
+        if ranks is not None:
+            agree_first_block_cache(transformer, ranks)
         try:
             yield CacheControl()
         finally:

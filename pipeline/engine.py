@@ -19,8 +19,10 @@ import torch
 
 from .caches import CacheControl, applied_cache
 from .devices import is_out_of_memory
-from .errors import OutOfMemory
+from .errors import FailedOnRank, OutOfMemory, PipelineError
+from .layout import ParallelLayout
 from .loading import WanComponents, load_components
+from .parallel import CONTINUE, ERROR, STOP, Ranks, RanksOutOfStep, enable_ulysses
 from .request import (
     DECODING,
     DEFAULT_NEGATIVE_PROMPT,
@@ -57,10 +59,23 @@ def clean_prompt(text: str) -> str:
 
 
 class WanI2V:
-    """A loaded Wan2.1 I2V model that generates one video at a time."""
+    """A loaded Wan2.1 I2V model that generates one video at a time.
 
-    def __init__(self, components: WanComponents) -> None:
+    On several ranks every rank builds one `WanI2V` and calls `generate` with the same
+    request; they run in lockstep and all return the same outcome (frames on rank 0 at
+    least). Each step ends with one agreement: continue, stop, or fail together.
+    """
+
+    def __init__(
+        self,
+        components: WanComponents,
+        ranks: Ranks | None = None,
+        layout: ParallelLayout | None = None,
+    ) -> None:
         self.c = components
+        self.ranks = ranks or Ranks(device=components.device)
+        self.layout = layout or ParallelLayout()
+        self._last_step_s = 0.0
         vae_config = components.vae.config
         self.temporal_factor: int = vae_config.scale_factor_temporal
         self.spatial_factor: int = vae_config.scale_factor_spatial
@@ -68,6 +83,7 @@ class WanI2V:
         self.spatial_multiple = self.spatial_factor * patch[1]
         self._latents_mean = torch.tensor(vae_config.latents_mean).view(1, -1, 1, 1, 1)
         self._latents_std = torch.tensor(vae_config.latents_std).view(1, -1, 1, 1, 1)
+        enable_ulysses(components.transformer, self.ranks)
 
     @classmethod
     def load(
@@ -77,8 +93,20 @@ class WanI2V:
         device: str | None = None,
         dtype: torch.dtype | None = None,
         t5_cpu: bool = False,
+        ranks: Ranks | None = None,
+        layout: ParallelLayout | None = None,
     ) -> WanI2V:
-        return cls(load_components(path, device=device, dtype=dtype, t5_cpu=t5_cpu))
+        """Load the model; with `ranks`, this rank's part of it as `layout` places it."""
+        layout = layout or ParallelLayout(t5_cpu=t5_cpu)
+        components = load_components(
+            path,
+            device=str(ranks.device) if ranks else device,
+            dtype=dtype,
+            t5_cpu=layout.t5_cpu,
+            ranks=ranks,
+            layout=layout,
+        )
+        return cls(components, ranks, layout)
 
     def generate(
         self,
@@ -88,16 +116,33 @@ class WanI2V:
     ) -> Outcome:
         """Run one generation; a stop before the end skips decoding and returns `Stopped`."""
         request.check(self.spatial_multiple, self.temporal_factor)
+        # Sharded weights are gathered into tensors that must outlive inference mode.
+        mode = torch.no_grad() if self.ranks.distributed else torch.inference_mode()
+        with mode:
+            return self._generate(request, on_progress, should_stop)
+
+    def _agree(self, stop: StopCallback, error: BaseException | None, r: GenerationRequest) -> int:
+        """Every rank's verdict on the step just done: CONTINUE, STOP, or raise the error
+        one of them hit (the same error on every rank)."""
+        local = ERROR if error is not None else (STOP if stop() else CONTINUE)
+        # A failed rank waits a bounded time: the others may be stuck in a collective it
+        # will never join, and then the engine must be restarted (RanksOutOfStep).
+        timeout = 5.0 + 2 * self._last_step_s if error is not None else None
+        mine = _describe(_as_pipeline_error(error, r)) if error is not None else None
         try:
-            with torch.inference_mode():
-                return self._generate(request, on_progress, should_stop)
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                raise OutOfMemory(
-                    f"out of device memory at {request.width}x{request.height}, "
-                    f"{request.num_frames} frames; try fewer frames or a smaller size"
-                ) from exc
+            status = self.ranks.agree(local, timeout)
+        except RanksOutOfStep as exc:
+            exc.failure = mine
             raise
+        if status != ERROR:
+            return status
+        if not self.ranks.distributed and error is not None:
+            raise _as_pipeline_error(error, r) from error
+        reports = self.ranks.gather_objects(mine)
+        rank, (code, message, retryable) = next(
+            (rank, report) for rank, report in enumerate(reports) if report is not None
+        )
+        raise FailedOnRank(rank, code, message, retryable) from error
 
     def _generate(
         self,
@@ -105,30 +150,30 @@ class WanI2V:
         on_progress: ProgressCallback | None,
         should_stop: StopCallback | None,
     ) -> Outcome:
-        c = self.c
+        c, ranks = self.c, self.ranks
         report = on_progress or (lambda phase, step, total: None)
         stop = should_stop or (lambda: False)
         seed = r.seed if r.seed is not None else secrets.randbelow(2**31)
+        seed = ranks.broadcast_object(seed)  # every rank draws the same noise
         timings: dict[str, float] = {}
 
-        # 1. Encode the prompt (and the negative prompt when guidance needs it) and the image.
+        # 1. Encode the prompt (and the negative prompt when guidance needs it) and the image,
+        #    and the first frame through the VAE, plus a mask saying "keep frame 0".
         t0 = time.perf_counter()
         report(ENCODING_PROMPT, 0, 2)
-        prompt_embeds = self._encode_text(r.prompt, r.max_sequence_length)
-        negative_embeds = (
-            self._encode_text(r.negative_prompt or DEFAULT_NEGATIVE_PROMPT, r.max_sequence_length)
-            if r.do_guidance
-            else None
-        )
-        image_embeds = self._encode_image(r.image)
-        report(ENCODING_PROMPT, 1, 2)
-
-        # 2. Conditioning: the first frame through the VAE, plus a mask saying "keep frame 0".
-        condition = self._condition_latents(r)
+        encoded: Any = None
+        error: BaseException | None = None
+        try:
+            encoded = self._encode(r, report)
+        except Exception as exc:
+            error = exc
+        if self._agree(stop, error, r) == STOP:
+            return Stopped(step=0, total_steps=r.infer_steps, seed=seed, timings=timings)
+        prompt_embeds, negative_embeds, image_embeds, condition = encoded
         report(ENCODING_PROMPT, 2, 2)
         timings[ENCODING_PROMPT] = time.perf_counter() - t0
 
-        # 3. Noise and timesteps.
+        # 2. Noise and timesteps.
         scheduler = make_scheduler(c.scheduler_config, r.solver, r.shift)
         scheduler.set_timesteps(r.infer_steps, device=c.device)
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -142,10 +187,12 @@ class WanI2V:
         )
         latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(c.device)
 
-        # 4. Denoise: one transformer pass per branch and step, guidance mixes the two.
+        # 3. Denoise: one transformer pass per branch and step, guidance mixes the two.
+        #    With CFG_SIZE=2 each half of the ranks runs one branch and they swap results.
         t0 = time.perf_counter()
         transformer = c.transformer
         steps = len(scheduler.timesteps)
+        split_branches = ranks.cfg_size == 2 and negative_embeds is not None
         report(DENOISING, 0, steps)
 
         def predict(
@@ -167,36 +214,80 @@ class WanI2V:
                     return_dict=False,
                 )[0]
 
-        with applied_cache(transformer, r.cache, steps) as cache:
-            for i, t in enumerate(scheduler.timesteps):
-                if stop():
-                    timings[DENOISING] = time.perf_counter() - t0
-                    return Stopped(step=i, total_steps=steps, seed=seed, timings=timings)
-                model_input = torch.cat([latents, condition], dim=1).to(c.dtype)
-                timestep = t.expand(latents.shape[0])
+        def denoise_step(cache: CacheControl, i: int, t: torch.Tensor) -> torch.Tensor:
+            model_input = torch.cat([latents, condition], dim=1).to(c.dtype)
+            timestep = t.expand(latents.shape[0])
+            if split_branches:
+                mine = ("cond", prompt_embeds) if ranks.branch == 0 else ("uncond", negative_embeds)
+                noise = predict(cache, i, mine[0], model_input, timestep, mine[1])
+                cond, uncond = ranks.exchange_branches(noise)
+                noise = uncond + r.guidance_scale * (cond - uncond)
+            else:
                 noise = predict(cache, i, "cond", model_input, timestep, prompt_embeds)
                 if negative_embeds is not None:
                     uncond = predict(cache, i, "uncond", model_input, timestep, negative_embeds)
                     noise = uncond + r.guidance_scale * (noise - uncond)
-                latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-                report(DENOISING, i + 1, steps)
-            cached_steps = cache.reused_steps()
-        timings[DENOISING] = time.perf_counter() - t0
-        if stop():
-            return Stopped(step=steps, total_steps=steps, seed=seed, timings=timings)
+            return scheduler.step(noise, t, latents, return_dict=False)[0]  # type: ignore[no-any-return]
 
-        # 5. Decode the latents into frames.
+        with applied_cache(transformer, r.cache, steps, ranks) as cache:
+            for i, t in enumerate(scheduler.timesteps):
+                # Step 0 follows the encoding's agreement; later steps agree on the last one.
+                if i > 0 and self._agree(stop, error, r) == STOP:
+                    timings[DENOISING] = time.perf_counter() - t0
+                    return Stopped(step=i, total_steps=steps, seed=seed, timings=timings)
+                t_step = time.perf_counter()
+                try:
+                    latents = denoise_step(cache, i, t)
+                    report(DENOISING, i + 1, steps)
+                except Exception as exc:
+                    error = exc
+                self._last_step_s = time.perf_counter() - t_step
+            cached_steps = cache.reused_steps()
+        if self._agree(stop, error, r) == STOP:
+            timings[DENOISING] = time.perf_counter() - t0
+            return Stopped(step=steps, total_steps=steps, seed=seed, timings=timings)
+        timings[DENOISING] = time.perf_counter() - t0
+
+        # 4. Decode the latents into frames (split across the ranks with VAE_PARALLEL).
         t0 = time.perf_counter()
         report(DECODING, 0, 1)
-        frames = self._decode(latents)
+        frames: Any = None
+        try:
+            frames = self._decode(latents)
+        except Exception as exc:
+            error = exc
+        self._agree(lambda: False, error, r)
         report(DECODING, 1, 1)
         timings[DECODING] = time.perf_counter() - t0
         return Generated(frames=frames, seed=seed, timings=timings, cached_steps=cached_steps)
 
+    def _encode(self, r: GenerationRequest, report: ProgressCallback) -> tuple[Any, ...]:
+        prompt_embeds = self._encode_text(r.prompt, r.max_sequence_length)
+        negative_embeds = (
+            self._encode_text(r.negative_prompt or DEFAULT_NEGATIVE_PROMPT, r.max_sequence_length)
+            if r.do_guidance
+            else None
+        )
+        image_embeds = self._encode_image(r.image)
+        report(ENCODING_PROMPT, 1, 2)
+        return prompt_embeds, negative_embeds, image_embeds, self._condition_latents(r)
+
     # -- the steps, each small -------------------------------------------------------
 
     def _encode_text(self, text: str, max_length: int) -> torch.Tensor:
-        """UMT5 embeddings of the cleaned text, padded with zeros past its real length."""
+        """UMT5 embeddings of the cleaned text, padded with zeros past its real length.
+        With T5_CPU only rank 0 has the encoder: it encodes and the others receive."""
+        c = self.c
+        if self.layout.t5_cpu and self.ranks.distributed:
+            if c.text_encoder is None:
+                dim = c.transformer.config.text_dim
+                embeds = torch.empty(1, max_length, dim, dtype=c.dtype, device=c.device)
+            else:
+                embeds = self._run_text_encoder(text, max_length)
+            return self.ranks.broadcast(embeds)
+        return self._run_text_encoder(text, max_length)
+
+    def _run_text_encoder(self, text: str, max_length: int) -> torch.Tensor:
         c = self.c
         tokens = c.tokenizer(
             [clean_prompt(text)],
@@ -246,10 +337,34 @@ class WanI2V:
         mask = mask.view(1, -1, self.temporal_factor, h, w).transpose(1, 2)
         return torch.cat([mask, latent], dim=1)
 
-    def _decode(self, latents: torch.Tensor) -> np.ndarray:
-        c = self.c
+    def _decode(self, latents: torch.Tensor) -> np.ndarray | None:
+        """Frames on rank 0 (and every rank with VAE_PARALLEL); None on the others."""
+        from . import vae_parallel
+
+        c, ranks = self.c, self.ranks
+        split = self.layout.vae_parallel and ranks.distributed
+        if ranks.rank != 0 and not split:
+            return None
         latents = latents.to(c.vae.dtype)
         mean, std = self._latents_mean.to(latents), self._latents_std.to(latents)
-        video = c.vae.decode(latents * std + mean, return_dict=False)[0]  # (1, 3, F, H, W)
+        group = torch.distributed.group.WORLD if split else None
+        video = vae_parallel.decode(c.vae, latents * std + mean, group)  # (1, 3, F, H, W)
         video = (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0)  # (F, H, W, 3)
-        return (video * 255).round().to(torch.uint8).cpu().numpy()  # type: ignore[no-any-return]
+        return (video * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def _as_pipeline_error(exc: BaseException, r: GenerationRequest) -> BaseException:
+    """Out-of-memory of any backend as our OutOfMemory; anything else unchanged."""
+    if is_out_of_memory(exc) and not isinstance(exc, PipelineError):
+        return OutOfMemory(
+            f"out of device memory at {r.width}x{r.height}, {r.num_frames} frames; "
+            "try fewer frames or a smaller size"
+        )
+    return exc
+
+
+def _describe(exc: BaseException) -> tuple[str, str, bool]:
+    """(code, message, retryable) of an error, to tell the other ranks."""
+    if isinstance(exc, PipelineError):
+        return exc.code, str(exc), exc.retryable
+    return "internal", f"engine error: {type(exc).__name__}: {exc}", True

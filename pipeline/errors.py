@@ -45,3 +45,14 @@ class VideoEncodingError(PipelineError):
     """Frames could not be encoded to MP4."""
 
     code = "internal"
+
+
+class FailedOnRank(PipelineError):
+    """The job failed on another rank of this engine; every rank fails it at the same step
+    with that rank's code, message and retry flag."""
+
+    def __init__(self, rank: int, code: str, message: str, retryable: bool) -> None:
+        super().__init__(f"rank {rank}: {message}" if rank else message)
+        self.rank = rank
+        self.code = code  # type: ignore[misc]
+        self.retryable = retryable  # type: ignore[misc]

@@ -85,32 +85,56 @@ def load_components(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     t5_cpu: bool = False,
+    ranks: Any = None,
+    layout: Any = None,
 ) -> WanComponents:
-    """Load every component once. The VAE and CLIP stay in fp32, as the reference does."""
+    """Load every component once. The VAE and CLIP stay in fp32, as the reference does.
+
+    On several ranks (`ranks`, `layout`: pipeline.parallel.Ranks and layout.ParallelLayout)
+    DIT_FSDP / T5_FSDP shard the transformer / text encoder across the ranks as they load,
+    and T5_CPU loads the text encoder on rank 0 only (the others get None)."""
     import json
 
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
     root = check_checkpoint(path)
-    kind: DeviceKind = detect_kind(device)
+    kind: DeviceKind = detect_kind(device.split(":")[0] if device else None)
     dtype = dtype or default_dtype(kind)
-    target = torch.device(kind, 0) if kind != "cpu" else torch.device("cpu")
+    if device and ":" in device:  # a rank's own card, e.g. cuda:3
+        target = torch.device(device)
+    else:
+        target = torch.device(kind, 0) if kind != "cpu" else torch.device("cpu")
     text_device = torch.device("cpu") if t5_cpu else target
+    distributed = ranks is not None and ranks.distributed
+    shard_dit = distributed and layout is not None and layout.dit_fsdp
+    shard_t5 = distributed and layout is not None and layout.t5_fsdp and not t5_cpu
+    skip_t5 = distributed and t5_cpu and ranks.rank != 0
     try:
         tokenizer: Any = AutoTokenizer.from_pretrained(root / "tokenizer")
         image_processor: Any = CLIPImageProcessor.from_pretrained(root / "image_processor")
-        text_encoder = _weights(UMT5EncoderModel, root / "text_encoder", dtype, text_device)
+        text_encoder = (
+            None
+            if skip_t5
+            else _sharded(UMT5EncoderModel, root / "text_encoder", dtype, text_device, "t5")
+            if shard_t5
+            else _weights(UMT5EncoderModel, root / "text_encoder", dtype, text_device)
+        )
         image_encoder = _weights(CLIPVisionModel, root / "image_encoder", torch.float32, target)
         vae = _weights(AutoencoderKLWan, root / "vae", torch.float32, target)
-        transformer = _weights(WanTransformer3DModel, root / "transformer", dtype, target)
+        transformer = (
+            _sharded(WanTransformer3DModel, root / "transformer", dtype, target, "dit")
+            if shard_dit
+            else _weights(WanTransformer3DModel, root / "transformer", dtype, target)
+        )
         scheduler_config = json.loads(  # noqa: TID251 - a config file, not a message
             (root / "scheduler" / "scheduler_config.json").read_text()
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"could not load the model from {root}: {exc}") from exc
     for module in (text_encoder, image_encoder, vae, transformer):
-        module.eval().requires_grad_(False)
+        if module is not None:
+            module.eval().requires_grad_(False)
     log.info("loaded %s on %s (%s), text encoder on %s", root, target, dtype, text_device)
     return WanComponents(
         tokenizer=tokenizer,
@@ -130,3 +154,11 @@ def load_components(
 def _weights(cls: Any, folder: Path, dtype: torch.dtype, device: torch.device) -> Any:
     """One weight-bearing component, from safetensors only, on its device and dtype."""
     return cls.from_pretrained(folder, dtype=dtype, use_safetensors=True).to(device)
+
+
+def _sharded(cls: Any, folder: Path, dtype: torch.dtype, device: torch.device, part: str) -> Any:
+    """One component sharded across the ranks with FSDP2 as it loads (no full copy)."""
+    from . import sharding
+
+    units = sharding.transformer_units if part == "dit" else sharding.text_encoder_units
+    return sharding.load_sharded(cls, folder, dtype=dtype, device=device, units=units)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 # Words the tokenizer learns from; prompts outside it still encode (as pieces or <unk>).
 _CORPUS = """
@@ -30,8 +31,8 @@ walking backwards, subtitles, style, works, paintings, images, overall gray
 
 TINY_TEXT_DIM = 32
 TINY_IMAGE_DIM = 16
-TINY_HEADS = 2
-TINY_HEAD_DIM = 16
+TINY_HEADS = 4  # divisible by Ulysses degrees 1, 2 and 4
+TINY_HEAD_DIM = 8
 
 
 def build_tokenizer() -> object:
@@ -66,11 +67,29 @@ def build_tokenizer() -> object:
     )
 
 
-def write_tiny_model(out: str | Path, seed: int = 0) -> Path:
-    """Write a tiny Wan I2V to `out` (diffusers layout, safetensors) and return the path."""
+def tiny_vae(seed: int = 0) -> Any:
+    """The tiny model's AutoencoderKLWan (z_dim 16, 8x spatial / 4x temporal), seeded."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed + 2)
+    return AutoencoderKLWan(
+        base_dim=4,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+
+
+def write_tiny_model(
+    out: str | Path, seed: int = 0, transformer: dict[str, Any] | None = None
+) -> Path:
+    """Write a tiny Wan I2V to `out` (diffusers layout, safetensors) and return the path.
+    `transformer` overrides the DiT's config (e.g. a wider, deeper one for benchmarks; keep
+    `added_kv_proj_dim` = heads x head dim)."""
     import torch
     from diffusers import (
-        AutoencoderKLWan,
         UniPCMultistepScheduler,
         WanImageToVideoPipeline,
         WanTransformer3DModel,
@@ -118,31 +137,27 @@ def write_tiny_model(out: str | Path, seed: int = 0) -> Path:
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
     )
-    torch.manual_seed(seed + 2)
-    vae = AutoencoderKLWan(
-        base_dim=4,
-        z_dim=16,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-    )
+    vae = tiny_vae(seed)
     torch.manual_seed(seed + 3)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=TINY_HEADS,
-        attention_head_dim=TINY_HEAD_DIM,
-        in_channels=36,
-        out_channels=16,
-        text_dim=TINY_TEXT_DIM,
-        freq_dim=32,
-        ffn_dim=64,
-        num_layers=4,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=1e-6,
-        image_dim=TINY_IMAGE_DIM,
-        added_kv_proj_dim=TINY_HEADS * TINY_HEAD_DIM,
-        rope_max_seq_len=1024,
+    dit = WanTransformer3DModel(
+        **{
+            "patch_size": (1, 2, 2),
+            "num_attention_heads": TINY_HEADS,
+            "attention_head_dim": TINY_HEAD_DIM,
+            "in_channels": 36,
+            "out_channels": 16,
+            "text_dim": TINY_TEXT_DIM,
+            "freq_dim": 32,
+            "ffn_dim": 64,
+            "num_layers": 4,
+            "cross_attn_norm": True,
+            "qk_norm": "rms_norm_across_heads",
+            "eps": 1e-6,
+            "image_dim": TINY_IMAGE_DIM,
+            "added_kv_proj_dim": TINY_HEADS * TINY_HEAD_DIM,
+            "rope_max_seq_len": 1024,
+            **(transformer or {}),
+        }
     )
     # The 720P checkpoint's scheduler: UniPC over flow-matching sigmas, shift 5.
     scheduler = UniPCMultistepScheduler(
@@ -158,7 +173,7 @@ def write_tiny_model(out: str | Path, seed: int = 0) -> Path:
         scheduler=scheduler,
         image_processor=image_processor,
         image_encoder=image_encoder,
-        transformer=transformer,
+        transformer=dit,
     )
     pipe.save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
     (out / "TINY_MODEL.json").write_text(

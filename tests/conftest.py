@@ -141,6 +141,19 @@ def worker(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`i2v worker` in its own process, configured only through the environment."""
+    yield from run_worker(cluster, worker_topics, tiny_model_dir, tmp_path_factory, {})
+
+
+def run_worker(
+    cluster: Cluster,
+    topics: TopicNames,
+    model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    extra_env: dict[str, str],
+    ready_marks: int = 1,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start `i2v worker` with the test settings plus `extra_env`, wait until it claims
+    (`ready_marks` times: once per lane), yield it, stop it and print its log's tail."""
     ops_port = free_port()
     group = f"workers-{uuid.uuid4().hex[:6]}"
     env = {
@@ -150,7 +163,7 @@ def worker(
         "MINIO_ACCESS_KEY": cluster.s3.access_key,
         "MINIO_SECRET_KEY": cluster.s3.secret_key.get_secret_value(),
         "MINIO_BUCKET": cluster.s3.bucket,
-        "MODEL_CKPT_DIR": str(tiny_model_dir),
+        "MODEL_CKPT_DIR": str(model_dir),
         "DEVICE": "cpu",
         "NODE_ID": "test-node-1",
         "WORKERS_GROUP": group,
@@ -166,7 +179,8 @@ def worker(
         # Far below a job's run time: the worker must stay a member while it computes.
         "KAFKA_MAX_POLL_INTERVAL_MS": "3000",
         "KAFKA_SESSION_TIMEOUT_MS": "6000",
-        **{f"I2V_TOPIC_{role.upper()}": name for role, name in worker_topics},
+        **{f"I2V_TOPIC_{role.upper()}": name for role, name in topics},
+        **extra_env,
     }
     log = tmp_path_factory.mktemp("logs") / "worker.log"
     with open(log, "wb") as out:
@@ -176,14 +190,15 @@ def worker(
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    deadline = time.monotonic() + 120
-    while b"claiming from" not in log.read_bytes():
+    deadline = time.monotonic() + 180
+    while log.read_bytes().count(b"claiming from") < ready_marks:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"worker did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
     proc.ops_url = f"http://127.0.0.1:{ops_port}"  # type: ignore[attr-defined]
     proc.group = group  # type: ignore[attr-defined]
+    proc.log = log  # type: ignore[attr-defined]
     yield proc
     proc.terminate()
     try:
