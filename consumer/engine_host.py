@@ -324,7 +324,6 @@ def _out_of_step(exc: BaseException) -> Exception:
 
 def _rank_info(engine: Any, rank: int) -> RankInfo:
     import os
-    import resource
 
     from pipeline.sharding import local_param_bytes
 
@@ -334,9 +333,24 @@ def _rank_info(engine: Any, rank: int) -> RankInfo:
         device=str(c.device),
         text_encoder=c.text_encoder is not None,
         transformer_param_bytes=local_param_bytes(c.transformer),
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_rss_bytes=_peak_rss(),
         pid=os.getpid(),
     )
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory: VmHWM (ru_maxrss also counts exited threads'
+    peaks for good, so it can only grow), or ru_maxrss where /proc is missing."""
+    import resource
+
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _install_fault(engine: Any, fault: str, rank: int) -> None:
