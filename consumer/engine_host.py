@@ -159,10 +159,10 @@ class EngineConfig:
             vae_parallel=self.vae_parallel,
         )
 
-    def rank_device(self, rank: int) -> str | None:
+    def rank_device(self, rank: int) -> str:
         """This rank's device: its card of the lane on cuda/npu, the CPU otherwise."""
-        if self.device == "cpu" or (self.device is None and self.nproc == 1):
-            return self.device
+        if self.device == "cpu":
+            return "cpu"
         from pipeline.devices import detect_kind
 
         kind = detect_kind(self.device)
