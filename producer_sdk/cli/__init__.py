@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from . import contract, dev, jobs, topics
+from . import bench, contract, dev, jobs, monitor, topics
 from ._common import out, package_version
 
 app = typer.Typer(
@@ -29,6 +29,8 @@ app.command("status")(jobs.status)
 app.command("cancel")(jobs.cancel)
 app.command("nodes")(jobs.nodes)
 app.command("queue")(jobs.queue)
+app.command("bench")(bench.bench)
+app.command("monitor")(monitor.monitor)
 app.command("asyncapi")(contract.asyncapi)
 app.command("schema")(contract.schema)
 
