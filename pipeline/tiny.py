@@ -31,8 +31,8 @@ walking backwards, subtitles, style, works, paintings, images, overall gray
 
 TINY_TEXT_DIM = 32
 TINY_IMAGE_DIM = 16
-TINY_HEADS = 4  # divisible by Ulysses degrees 1, 2 and 4
-TINY_HEAD_DIM = 8
+TINY_HEADS = 2
+TINY_HEAD_DIM = 16
 
 
 def build_tokenizer() -> object:
