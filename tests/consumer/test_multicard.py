@@ -24,7 +24,14 @@ from tests.conftest import Cluster, run_worker
 
 from .test_worker import _events, _job
 
-pytestmark = [pytest.mark.kafka, pytest.mark.minio, pytest.mark.slow, pytest.mark.distributed]
+# Four rank processes start and run on two cores: more than the default 120 s per test.
+pytestmark = [
+    pytest.mark.timeout(360),
+    pytest.mark.kafka,
+    pytest.mark.minio,
+    pytest.mark.slow,
+    pytest.mark.distributed,
+]
 
 RANKS_ENV = {
     "NPROC": "4",

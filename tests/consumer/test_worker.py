@@ -32,6 +32,7 @@ from schemas import (
 
 pytestmark = [pytest.mark.kafka, pytest.mark.minio, pytest.mark.slow]
 
+FINAL_TYPES = {"succeeded", "failed", "cancelled"}
 PHOTO = Path(__file__).resolve().parents[2] / "examples" / "images" / "grace_hopper.jpg"
 
 
@@ -83,8 +84,11 @@ async def _events(
                 for record in records:
                     if record.key == str(job_id).encode():
                         found.append(adapter.validate_json(record.value))
-            if until_final and found and found[-1].type in {"succeeded", "failed", "cancelled"}:
-                return found
+            # Up to the first final event, as clients read a job (a heartbeat racing the
+            # final event may land after it).
+            final = next((i for i, e in enumerate(found) if e.type in FINAL_TYPES), None)
+            if until_final and final is not None:
+                return found[: final + 1]
         return found
     finally:
         await consumer.stop()

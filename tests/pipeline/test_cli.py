@@ -52,12 +52,25 @@ def test_doctor_t5_warmup_times_each_encode_and_reports_memory(tiny_model_dir: P
 LAYOUT_ENV = {"DEVICE": "cpu", "LANES": "1", "T5_CPU": "false", "T5_FSDP": "false"}
 
 
+@pytest.fixture
+def forty_heads(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """The tiny model's directory with the 14B's head count in its transformer config."""
+    import json
+    import shutil
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    config_path = model / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "num_attention_heads": 40}))
+    return model
+
+
 def test_doctor_layout_refuses_what_the_worker_would_and_names_a_fix(
-    tiny_model_dir: Path,
+    forty_heads: Path,
 ) -> None:
     """`--layout` with NPROC=4 ULYSSES_SIZE=4 CFG_SIZE=2 fails with the suggestion, exit 1."""
     env = {**LAYOUT_ENV, "NPROC": "4", "ULYSSES_SIZE": "4", "CFG_SIZE": "2"}
-    args = ["doctor", "--model-dir", str(tiny_model_dir), "--layout"]
+    args = ["doctor", "--model-dir", str(forty_heads), "--layout"]
     result = CliRunner().invoke(app, args, env=env)
     assert result.exit_code == 1, result.output
     text = " ".join(result.stdout.split())
@@ -65,17 +78,17 @@ def test_doctor_layout_refuses_what_the_worker_would_and_names_a_fix(
     assert "use ULYSSES_SIZE=4 CFG_SIZE=1 or ULYSSES_SIZE=2 CFG_SIZE=2" in text
 
 
-def test_doctor_layout_accepts_a_layout_that_runs(tiny_model_dir: Path) -> None:
+def test_doctor_layout_accepts_a_layout_that_runs(forty_heads: Path) -> None:
     """`--layout` with NPROC=4 ULYSSES_SIZE=2 CFG_SIZE=2 prints the resolved layout, exit 0."""
     env = {**LAYOUT_ENV, "NPROC": "4", "ULYSSES_SIZE": "2", "CFG_SIZE": "2"}
-    args = ["doctor", "--model-dir", str(tiny_model_dir), "--layout"]
+    args = ["doctor", "--model-dir", str(forty_heads), "--layout"]
     result = CliRunner().invoke(app, args, env=env)
     assert result.exit_code == 0, result.output
     assert "layout OK: LANES=1 x NPROC=4 (ULYSSES_SIZE=2 x CFG_SIZE=2)" in result.stdout
 
 
 def test_layout_check_refuses_more_ranks_than_cards(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    forty_heads: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """On cuda/npu, NPROC x LANES beyond the node's cards is refused naming an NPROC that fits."""
     import pipeline.devices
@@ -85,10 +98,10 @@ def test_layout_check_refuses_more_ranks_than_cards(
     for key, value in {"LANES": "2", "NPROC": "8", "ULYSSES_SIZE": "4", "CFG_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("DEVICE", raising=False)
-    assert not _check_layout(tiny_model_dir, "cuda")
+    assert not _check_layout(forty_heads, "cuda")
     refusal = " ".join(capsys.readouterr().out.split())
     assert "NPROC=8 x LANES=2 needs 16 cards, and this node has 8 cuda cards" in refusal
     assert "set NPROC=4 with ULYSSES_SIZE x CFG_SIZE = 4" in refusal
     monkeypatch.setenv("NPROC", "4")
     monkeypatch.setenv("CFG_SIZE", "1")
-    assert _check_layout(tiny_model_dir, "cuda")
+    assert _check_layout(forty_heads, "cuda")
