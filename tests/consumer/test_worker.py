@@ -86,9 +86,10 @@ async def _events(
                         found.append(adapter.validate_json(record.value))
             # Up to the first final event, as clients read a job (a heartbeat racing the
             # final event may land after it).
-            final = next((i for i, e in enumerate(found) if e.type in FINAL_TYPES), None)
-            if until_final and final is not None:
-                return found[: final + 1]
+            if until_final:
+                final = next((i for i, e in enumerate(found) if e.type in FINAL_TYPES), None)
+                if final is not None:
+                    return found[: final + 1]
         return found
     finally:
         await consumer.stop()

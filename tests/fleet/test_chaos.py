@@ -34,7 +34,7 @@ pytestmark = [
     pytest.mark.minio,
     pytest.mark.slow,
     pytest.mark.chaos,
-    pytest.mark.timeout(600),
+    pytest.mark.timeout(900),
 ]
 
 NODES = ("a", "b", "c")
@@ -100,7 +100,8 @@ async def test_kill_9_at_any_moment_loses_no_job(
 
         while not finished():
             now = time.monotonic()
-            assert now - began < 420, "the chaos run did not finish in 7 minutes"
+            # A liveness bound, not a speed target: runs take 4-7 minutes on 2 cores.
+            assert now - began < 600, "the chaos run did not finish in 10 minutes"
             if random_kills and now - began >= random_kills[0]:
                 random_kills.pop(0)
                 victim = rng.choice([n for n in NODES if fleet.nodes[n].running])
