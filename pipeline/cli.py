@@ -242,7 +242,7 @@ def _t5_warmup(model_dir: Path, kind: str, t5_cpu: bool, steps: int) -> bool:
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     from .devices import default_dtype
-    from .engine import clean_prompt
+    from .engine import encode_prompt
 
     dtype = default_dtype(kind)  # T5_CPU keeps the accelerator's dtype, as the engine does
     target = torch.device("cpu") if t5_cpu or kind == "cpu" else torch.device(kind, 0)
@@ -273,16 +273,7 @@ def _t5_warmup(model_dir: Path, kind: str, t5_cpu: bool, steps: int) -> bool:
         meter.reset()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            tokens = tokenizer(
-                [clean_prompt(WARMUP_PROMPT)],
-                padding="max_length",
-                max_length=T5_MAX_LENGTH,
-                truncation=True,
-                add_special_tokens=True,
-                return_attention_mask=True,
-                return_tensors="pt",
-            )
-            encoder(tokens.input_ids.to(target), tokens.attention_mask.to(target))
+            encode_prompt(tokenizer, encoder, WARMUP_PROMPT, T5_MAX_LENGTH, target)
             meter.sync()
         times.append(time.perf_counter() - t0)
         runs.add_row(str(run), f"{times[-1]:.3f}", _size(meter.peak()))

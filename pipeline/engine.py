@@ -50,6 +50,26 @@ def make_scheduler(config: dict[str, Any], solver: Solver, shift: float) -> Any:
     )
 
 
+def encode_prompt(
+    tokenizer: Any, encoder: Any, text: str, max_length: int, device: torch.device
+) -> torch.Tensor:
+    """UMT5 embeddings of the cleaned text, padded to `max_length`, zero past its real length."""
+    tokens = tokenizer(
+        [clean_prompt(text)],
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    mask = tokens.attention_mask
+    length = int(mask.gt(0).sum())
+    hidden = encoder(tokens.input_ids.to(device), mask.to(device)).last_hidden_state
+    hidden[:, length:] = 0
+    return hidden  # type: ignore[no-any-return]
+
+
 def clean_prompt(text: str) -> str:
     """Fix mojibake and HTML entities and collapse whitespace, as Wan's reference does."""
     import ftfy
@@ -289,23 +309,8 @@ class WanI2V:
 
     def _run_text_encoder(self, text: str, max_length: int) -> torch.Tensor:
         c = self.c
-        tokens = c.tokenizer(
-            [clean_prompt(text)],
-            padding="max_length",
-            max_length=max_length,
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        mask = tokens.attention_mask
-        length = int(mask.gt(0).sum())
-        hidden = c.text_encoder(
-            tokens.input_ids.to(c.text_device), mask.to(c.text_device)
-        ).last_hidden_state
-        embeds = hidden.to(device=c.device, dtype=c.dtype)
-        embeds[:, length:] = 0
-        return embeds  # type: ignore[no-any-return]
+        embeds = encode_prompt(c.tokenizer, c.text_encoder, text, max_length, c.text_device)
+        return embeds.to(device=c.device, dtype=c.dtype)
 
     def _encode_image(self, image: Any) -> torch.Tensor:
         """CLIP's penultimate hidden states of the first frame."""
