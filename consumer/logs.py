@@ -11,6 +11,8 @@ import sys
 
 import structlog
 
+from .broker import KAFKA_NOISE
+
 
 def configure(node_id: str, level: str = "INFO") -> None:
     """Route stdlib and structlog records through one renderer, with `node_id` bound."""
@@ -34,6 +36,7 @@ def configure(node_id: str, level: str = "INFO") -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    handler.addFilter(KAFKA_NOISE)  # one line per outage, not hundreds per second
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

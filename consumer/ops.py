@@ -43,11 +43,11 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    """Ready: model loaded, claiming from Kafka, object store reachable."""
+    """Ready: model loaded, claiming from Kafka (the broker answers), object store reachable."""
     sup: Supervisor = request.app["supervisor"]
     checks = {
         "model_loaded": sup.engine.alive,
-        "kafka": sup.ready.is_set(),
+        "kafka": sup.ready.is_set() and sup.broker is not None and sup.broker.reachable,
         "cancel_reader": sup.control is not None and sup.control.alive,
         "reaper": sup.reaper is not None and sup.reaper.alive,
         "object_store": await sup.store.ping(),

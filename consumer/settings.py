@@ -95,6 +95,22 @@ class WorkerSettings(BaseSettings):
     kafka_heartbeat_interval_ms: int = Field(500, ge=100)
     kafka_session_timeout_ms: int = Field(10000, ge=1000)
     kafka_max_poll_interval_ms: int = Field(300000, ge=1000)
+    broker_check_s: float = Field(
+        5.0,
+        gt=0,
+        description=(
+            "How often the node checks that the broker answers; it is not ready after about "
+            "3 x this without an answer (s)."
+        ),
+    )
+    shutdown_hand_back_s: float = Field(
+        30.0,
+        ge=0,
+        description=(
+            "After SHUTDOWN_GRACE, how long handing the running job back may take before the "
+            "node stops anyway and leaves the job to its lease (s; 3 s while the broker is lost)."
+        ),
+    )
     i2v_topic_requests: str = TopicNames().requests
     i2v_topic_status: str = TopicNames().status
     i2v_topic_progress: str = TopicNames().progress

@@ -28,7 +28,7 @@ from pydantic import TypeAdapter, ValidationError
 from pydantic_core import to_json
 from urllib3.exceptions import HTTPError, LocationValueError
 
-from schemas import JobResult, utcnow
+from schemas import JobResult, safe_text, utcnow
 
 from .errors import ImageFetchFailed, StorageFailed
 
@@ -68,6 +68,16 @@ _HINTS = {
 _STORE_ERRORS = (MinioException, HTTPError, OSError)
 # The submitter named something that is not there: their error, not the store's.
 _IMAGE_MISSING = ("NoSuchKey", "NoSuchBucket")
+# The submitter named something the node may not or cannot read: also theirs to change.
+_IMAGE_REFUSED = {
+    "AccessDenied": "give the node's access key read access to it, or upload it elsewhere",
+    "AllAccessDisabled": "the bucket is closed to all access; upload the image elsewhere",
+    "InvalidBucketName": "give a valid bucket name",
+    "InvalidObjectName": "give a valid object key",
+    "KeyTooLongError": "give a key of at most 1024 bytes",
+    "InvalidObjectState": "the object is archived; restore it or upload a copy",
+    "InvalidRange": "upload the image again",
+}
 _JSON_OBJECT: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
 
 
@@ -223,10 +233,11 @@ class ResultStore:
 
     async def get_image(self, bucket: str, key: str) -> bytes:
         """The bytes of an `s3` image reference in this store, at most `max_image_bytes`."""
-        where, cap = f"s3://{bucket}/{key}", self.config.max_image_bytes
+        where = f"s3://{bucket}/{safe_text(key, 200)}"
+        cap = self.config.max_image_bytes
         stat = await self._call(
             f"stat {where}",
-            lambda: _or_none(lambda: self._client.stat_object(bucket, key), _IMAGE_MISSING),
+            lambda: _image_op(where, lambda: self._client.stat_object(bucket, key)),
         )
         if stat is None:
             raise _missing(where)
@@ -234,7 +245,7 @@ class ResultStore:
             raise _too_big(where, cap, stat.size)
         data = await self._call(
             f"download {where}",
-            lambda: _or_none(lambda: self._read(bucket, key, cap), _IMAGE_MISSING),
+            lambda: _image_op(where, lambda: self._read(bucket, key, cap)),
         )
         if data is None:  # deleted after the stat
             raise _missing(where)
@@ -428,6 +439,28 @@ def _expires_jobs_after(rule: Rule, days: int | None) -> bool:
         and rule.expiration is not None
         and rule.expiration.days == days
     )
+
+
+def _image_op(where: str, fn: Callable[[], T]) -> T | None:
+    """`fn()` on a job's image reference: None when the object is not there, and
+    `ImageFetchFailed` when the reference itself is at fault (a key the SDK refuses, a
+    bucket or object the node may not read). The store's own trouble passes through."""
+    try:
+        return fn()
+    except S3Error as exc:
+        if exc.code in _IMAGE_MISSING:
+            return None
+        if exc.code in _IMAGE_REFUSED:
+            raise ImageFetchFailed(
+                f"image {where} cannot be read by the node ({exc.code}); "
+                f"{_IMAGE_REFUSED[str(exc.code)]}"
+            ) from None
+        raise
+    except ValueError as exc:  # the SDK refuses some names before sending anything
+        raise ImageFetchFailed(
+            f"image {where} is not a valid object reference ({safe_text(str(exc), 120)}); "
+            "give a plain bucket name and key"
+        ) from None
 
 
 def _missing(where: str) -> ImageFetchFailed:

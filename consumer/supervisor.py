@@ -18,12 +18,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
 import structlog
 from aiokafka import ConsumerRebalanceListener
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from pipeline.layout import ParallelLayout
 from pipeline.request import AttentionCacheSpec
@@ -41,9 +41,12 @@ from schemas import (
     RecordRef,
     RequeueReason,
     describe_validation_error,
+    safe_text,
     utcnow,
 )
+from schemas.requests import check_metadata
 
+from .broker import BrokerWatch
 from .control import ControlWatcher, PeerWatcher
 from .engine_host import EngineDied, EngineHost, JobDone, JobProgress, RunJob
 from .errors import (
@@ -71,16 +74,52 @@ from .storage import ResultStore
 log = logging.getLogger(__name__)
 
 
-class _JobIdentity(BaseModel):
-    """Just enough of a record to say which job it was, when the rest does not validate."""
+class _RawIdentity(BaseModel):
+    """A record's job id, when the rest does not validate; its other fields unchecked."""
 
     model_config = ConfigDict(extra="ignore")
     job_id: UUID
+    attempt: Any = 1
+    metadata: Any = None
+
+
+_RAW_IDENTITY = TypeAdapter(_RawIdentity)
+_ATTEMPT: TypeAdapter[int] = TypeAdapter(Annotated[int, Field(strict=True, ge=1, le=100)])
+_METADATA: TypeAdapter[dict[str, str]] = TypeAdapter(
+    Annotated[dict[str, str], AfterValidator(check_metadata)]
+)
+
+
+@dataclass(frozen=True)
+class JobIdentity:
+    """Who to answer for a record that is not a valid job: its id, and its attempt and
+    metadata only when they pass the job's own rules (else 1 and empty), so a refusal
+    never carries a field that breaks the event it goes in."""
+
+    job_id: UUID
     attempt: int = 1
-    metadata: dict[str, str] = {}
+    metadata: dict[str, str] = field(default_factory=dict)
+    usable: bool = True
+    """False when the attempt or the metadata had to be dropped."""
 
-
-_IDENTITY = TypeAdapter(_JobIdentity)
+    @classmethod
+    def of(cls, raw: bytes) -> JobIdentity | None:
+        """The identity in a record's value, or None when not even its job id is readable."""
+        try:
+            ident = _RAW_IDENTITY.validate_json(raw)
+        except ValidationError:
+            return None
+        attempt, metadata, usable = 1, {}, True
+        try:
+            attempt = _ATTEMPT.validate_python(ident.attempt)
+        except ValidationError:
+            usable = False
+        if ident.metadata is not None:
+            try:
+                metadata = _METADATA.validate_python(ident.metadata)
+            except ValidationError:
+                usable = False
+        return cls(ident.job_id, attempt, metadata, usable)
 
 
 @dataclass
@@ -112,6 +151,8 @@ class Supervisor:
     """While busy and still a member: how often to look for records waiting behind the job."""
     idle_for_s = 1.0
     """A peer counts as idle once it has been `ready` this long (not between two claims)."""
+    claim_tries = 5
+    """Times one record may fail to be claimed for broker trouble before it is set aside."""
 
     def __init__(
         self,
@@ -144,6 +185,13 @@ class Supervisor:
         self.ops_url: str | None = None
         self._producer: Any = None
         self.claims: Any = None
+        self._claim_tries: dict[tuple[str, int, int], int] = {}
+        self.broker: BrokerWatch | None = None
+        """Whether the broker answers (on /readyz), once the producer runs."""
+        self._stop_asked = float("inf")
+        self._ops: Any = None
+        self._announcer: asyncio.Task[None] | None = None
+        self._job_task: asyncio.Task[None] | None = None
         """The i2v-workers consumer, once started (its assignment is shown on /info)."""
 
     def claiming(self) -> list[int]:
@@ -170,72 +218,129 @@ class Supervisor:
         """Stop claiming and leave the group; the running job gets SHUTDOWN_GRACE to finish,
         then stops at its next step and is handed back to the queue."""
         if not self._stopping.is_set():
-            self._stop_deadline = time.monotonic() + self.settings.shutdown_grace
+            self._stop_asked = time.monotonic()
+            self._stop_deadline = self._stop_asked + self.settings.shutdown_grace
             self._stopping.set()
             self._announce_now.set()
 
     # -- the loop ----------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Serve until `stop()`, then hand back, close every client and return: within
+        SHUTDOWN_GRACE + SHUTDOWN_HAND_BACK_S, and within a few seconds of the grace while
+        the broker is lost (the running job is then left to its lease, which a reaper on
+        a node that still reaches the broker will hand back)."""
+        main = asyncio.create_task(self._main(), name=f"i2v-node-{self.settings.node_id}")
+        limit = asyncio.create_task(self._stop_limit(), name="i2v-stop-limit")
+        try:
+            await asyncio.wait({main, limit}, return_when=asyncio.FIRST_COMPLETED)
+            if not main.done():
+                log.warning(
+                    "shutdown: handing back took too long (kafka broker %s): stopping now; a "
+                    "running job is left to its lease",
+                    "reachable" if self.broker is None or self.broker.reachable else "lost",
+                )
+                for task in (main, self._job_task):
+                    if task is not None:
+                        task.cancel()
+                await asyncio.wait({main}, timeout=2.0)
+        finally:
+            limit.cancel()
+            await self._close()
+        if main.done() and not main.cancelled() and main.exception() is not None:
+            raise main.exception()  # type: ignore[misc]
+
+    async def _main(self) -> None:
+        """Start the clients, the engine and the reaper, then claim until told to stop."""
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
         s = self.settings
         kafka = s.kafka_kwargs()
+        self._ops = await start_ops(self, s.server_host, s.server_port)
+        self.ops_url = _url_of(self._ops, s.server_host)
         self._producer = AIOKafkaProducer(**kafka, acks="all", max_request_size=2 * 1024 * 1024)
         await self._producer.start()
+        producer = self._producer
+        self.broker = BrokerWatch(
+            lambda: producer.client.fetch_all_metadata(), s.broker_check_s, name=s.node_id
+        )
+        self.broker.start()
         self.emitter = Emitter(self._producer, self.topics, s.node_id, s.progress_interval_s)
         self.control = ControlWatcher(kafka, self.topics.control)
         self.peers = PeerWatcher(kafka, self.topics.nodes, s.node_id)
         self.reaper = Reaper(s, self._producer, self.emitter, self.metrics)
-        consumer = None
-        ops = await start_ops(self, s.server_host, s.server_port)
-        self.ops_url = _url_of(ops, s.server_host)
-        announcer = asyncio.create_task(self._announce(), name="i2v-node-info")
-        try:
-            await self.control.start()
-            await self.peers.start()
-            await self.store.ensure_bucket()
-            await self.engine.start()
-            await self.reaper.start()
-            consumer = AIOKafkaConsumer(
-                **kafka,
-                group_id=s.workers_group,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
-                session_timeout_ms=s.kafka_session_timeout_ms,
-                max_poll_interval_ms=s.kafka_max_poll_interval_ms,
-            )
-            await consumer.start()
-            self.claims = consumer
-            self.ready.set()
-            log.info("node %s ready, claiming from %s", s.node_id, self.topics.requests)
-            while not self._stopping.is_set():
-                if not self.engine.alive:
-                    await self._revive_engine(consumer)
-                    continue
-                if not consumer.subscription():
-                    consumer.subscribe([self.topics.requests], listener=_ClaimsListener())
-                batch = await consumer.getmany(timeout_ms=500)
-                record = _claim_oldest(consumer, batch)
-                if record is None or self._stopping.is_set():
-                    continue  # anything fetched was rewound by _claim_oldest
-                waiting = sum(len(records) for records in batch.values()) > 1
-                await self._serve(consumer, record, waiting)
-        finally:
-            self.ready.clear()
-            announcer.cancel()
-            if consumer is not None:
-                await consumer.stop()  # leaves the group: partitions move at once
-            await self.reaper.stop()
-            await self.peers.stop()
-            await self.control.stop()
-            await self.engine.close()
-            self._state, self._state_since = NodeState.STOPPED, utcnow()
-            with contextlib.suppress(Exception):
-                await self.emitter.node_info(self._node_info(NodeState.STOPPED))
-            await self._producer.stop()
-            await ops.cleanup()
+        self._announcer = asyncio.create_task(self._announce(), name="i2v-node-info")
+        await self.control.start()
+        await self.peers.start()
+        await self.store.ensure_bucket()
+        await self.engine.start()
+        await self.reaper.start()
+        consumer = AIOKafkaConsumer(
+            **kafka,
+            group_id=s.workers_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
+            session_timeout_ms=s.kafka_session_timeout_ms,
+            max_poll_interval_ms=s.kafka_max_poll_interval_ms,
+        )
+        self.claims = consumer
+        await consumer.start()
+        self.ready.set()
+        log.info("node %s ready, claiming from %s", s.node_id, self.topics.requests)
+        while not self._stopping.is_set():
+            if not self.engine.alive:
+                await self._revive_engine(consumer)
+                continue
+            if not consumer.subscription():
+                consumer.subscribe([self.topics.requests], listener=_ClaimsListener())
+            batch = await consumer.getmany(timeout_ms=500)
+            record = _claim_oldest(consumer, batch)
+            if record is None or self._stopping.is_set():
+                continue  # anything fetched was rewound by _claim_oldest
+            waiting = sum(len(records) for records in batch.values()) > 1
+            await self._serve(consumer, record, waiting)
+
+    async def _stop_limit(self) -> None:
+        """Return when a stopping node has had long enough to hand its job back."""
+        await self._stopping.wait()
+        while True:
+            lost = self.broker is not None and not self.broker.reachable
+            margin = 3.0 if lost else self.settings.shutdown_hand_back_s
+            # Without a job there is nothing to wait for: only the clients to close.
+            start = self._stop_deadline if self.stats.current is not None else self._stop_asked
+            if time.monotonic() >= start + margin:
+                return
+            await asyncio.sleep(0.2)
+
+    async def _close(self) -> None:
+        """Close everything this lane started, each part bounded in time, all at once: a lost
+        broker must not hold the node (Kafka clients wait for it when closing)."""
+        self.ready.clear()
+        if self._announcer is not None:
+            self._announcer.cancel()
+        lost = self.broker is not None and not self.broker.reachable
+        parts: dict[str, Any] = {"engine": self.engine.close(timeout_s=5.0 if lost else 10.0)}
+        if self.claims is not None:
+            parts["claims consumer"] = self.claims.stop()  # leaves the group at once
+        for name, client in (("reaper", self.reaper), ("peers", self.peers)):
+            if client is not None:
+                parts[name] = client.stop()
+        if self.control is not None:
+            parts["cancel reader"] = self.control.stop()
+        await _bounded(parts, 7.0 if lost else 20.0)
+        self._state, self._state_since = NodeState.STOPPED, utcnow()
+        if self.emitter is not None and not lost:
+            stopped = self.emitter.node_info(self._node_info(NodeState.STOPPED))
+            await _bounded({"node info": stopped}, 2.0)
+        last: dict[str, Any] = {}
+        if self._producer is not None:
+            last["producer"] = self._producer.stop()
+        if self.broker is not None:
+            last["broker watch"] = self.broker.stop()
+        if self._ops is not None:
+            last["ops server"] = self._ops.cleanup()
+        await _bounded(last, 2.0 if lost else 10.0)
 
     async def _serve(self, consumer: Any, record: Any, waiting: bool) -> None:
         """Claim one record (its first event acked, then commit), run its job outside the
@@ -248,14 +353,15 @@ class Supervisor:
         ref = RecordRef(topic=record.topic, partition=record.partition, offset=record.offset)
         try:
             job = await self._admit(record, ref)
-        except Exception:
-            # Nothing durable was written (the broker refused it, say): leave the record
-            # uncommitted and fetch it again after a pause, rather than lose it.
-            log.exception("claiming %s@%s failed; it will be fetched again", tp, record.offset)
-            consumer.seek(tp, record.offset)
-            consumer.resume(*consumer.assignment())
-            await asyncio.sleep(self.retry_pause_s)
-            return
+        except Exception as exc:
+            if not await self._claim_failed(record, exc):
+                # Leave the record uncommitted and fetch it again after a pause.
+                consumer.seek(tp, record.offset)
+                consumer.resume(*consumer.assignment())
+                await self._pause(self.retry_pause_s)
+                return
+            job = None
+        self._claim_tries.clear()
         await self._commit(consumer, tp, record.offset + 1)
         if job is None:  # it ended at claim (refused, cancelled, expired, already done)
             consumer.resume(*consumer.assignment())
@@ -263,6 +369,7 @@ class Supervisor:
         self.failpoints.hit("after_commit")
         self.stats.current = job
         task = asyncio.create_task(self._execute(job, ref), name=f"job-{job.job_id}")
+        self._job_task = task
         self._announce_now.set()  # busy: peers stop counting on this node
         await self._busy(consumer, task, waiting)
         try:
@@ -271,10 +378,59 @@ class Supervisor:
             # Its final event could not be written: the lease runs out and a reaper hands
             # the job back. Pause before claiming more from a broker in that state.
             log.exception("job %s ended without a final event; its lease will expire", job.job_id)
-            await asyncio.sleep(self.retry_pause_s)
+            await self._pause(self.retry_pause_s)
         if consumer.subscription():
             consumer.resume(*consumer.assignment())
         self._announce_now.set()  # idle again: busy peers may hand their waiting records on
+
+    async def _claim_failed(self, record: Any, exc: Exception) -> bool:
+        """After a claim raised: True once the record is dead-lettered (the caller commits
+        it), False to fetch it again. Broker trouble is retried `claim_tries` times; anything
+        else would fail the same way every time, so the record is set aside at once. Either
+        way no record is fetched more than `claim_tries` times by a node that can write."""
+        key = (record.topic, record.partition, record.offset)
+        tries = self._claim_tries.get(key, 0) + 1
+        self._claim_tries = {key: tries}  # only the record at the head matters
+        where = f"{record.topic}[{record.partition}]@{record.offset}"
+        what = safe_text(f"{type(exc).__name__}: {exc}", 300)
+        if _broker_trouble(exc) and tries < self.claim_tries:
+            log.warning(
+                "claiming %s failed (%s); fetched %d of at most %d times, trying again in %.0f s",
+                where,
+                what,
+                tries,
+                self.claim_tries,
+                self.retry_pause_s,
+            )
+            return False
+        if not _broker_trouble(exc):
+            log.error("claiming %s failed: %s", where, what, exc_info=exc)
+        error = ErrorInfo.of(
+            ErrorCode.INTERNAL,
+            f"the node could not claim this record ({what}; fetched {tries} times); "
+            "it was set aside so the partition moves on",
+        )
+        try:
+            await self._dead_letter(record, error)
+        except Exception as dlq_exc:
+            log.warning(
+                "claiming %s failed and the DLQ refused it too (%s); fetched %d times",
+                where,
+                safe_text(str(dlq_exc), 300),
+                tries,
+            )
+            return False
+        ident = JobIdentity.of(record.value or b"")
+        if ident is not None and self.emitter is not None:  # best effort: answer the submitter
+            with contextlib.suppress(Exception):
+                await self.emitter.failed_for(ident.job_id, ident.attempt, error)
+                self._ended("failed", ErrorCode.INTERNAL.value)
+        return True
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but no longer than until the node is told to stop."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _busy(self, consumer: Any, task: asyncio.Task[None], waiting: bool) -> None:
         """While `task` runs, stay a member with every partition paused, or leave the group
@@ -326,6 +482,8 @@ class Supervisor:
         try:
             await consumer.commit({tp: offset})
         except KafkaError as exc:
+            if self.broker is not None:
+                self.broker.suspect()
             log.warning(
                 "could not commit %s@%s after its claim (%s): the partition moved meanwhile, "
                 "so another node may run it again; results are idempotent",
@@ -435,23 +593,24 @@ class Supervisor:
             )
 
     async def _decode(self, record: Any) -> JobRequest | None:
-        """The record's job, or None after dead-lettering or failing what cannot run."""
+        """The record's job, or None once it is answered: `failed/invalid_request` when its
+        job id is readable (and a DLQ copy too when its attempt or metadata were unusable),
+        else a DLQ copy alone. Every message here is escaped and cut to fit its event."""
         assert self.emitter is not None
+        raw = record.value or b""
         try:
-            return JOB_REQUEST_ADAPTER.validate_json(record.value or b"")
+            return JOB_REQUEST_ADAPTER.validate_json(raw)
         except ValidationError as exc:
-            reason = describe_validation_error(exc)
-        try:
-            ident = _IDENTITY.validate_json(record.value or b"")
-        except ValidationError:
-            await self._dead_letter(record, reason)
-            self._ended("dead_lettered")
-            self.metrics.dead_letters.inc()
-            return None
-        error = ErrorInfo(code=ErrorCode.INVALID_REQUEST, message=reason, retryable=False)
-        await self.emitter.failed_for(ident.job_id, ident.attempt, error, ident.metadata)
-        self._ended("failed", ErrorCode.INVALID_REQUEST.value)
-        log.info("job %s refused: %s", ident.job_id, reason)
+            error = ErrorInfo.of(ErrorCode.INVALID_REQUEST, describe_validation_error(exc))
+        ident = JobIdentity.of(raw)
+        if ident is not None:
+            await self.emitter.failed_for(ident.job_id, ident.attempt, error, ident.metadata)
+            self._ended("failed", ErrorCode.INVALID_REQUEST.value)
+            log.info("job %s refused: %s", ident.job_id, error.message)
+        if ident is None or not ident.usable:
+            await self._dead_letter(record, error)
+            if ident is None:
+                self._ended("dead_lettered")
         return None
 
     async def _run(self, job: JobRequest, ref: RecordRef) -> None:
@@ -692,15 +851,20 @@ class Supervisor:
         self._ended("requeued", reason.value)
         self.metrics.requeues.labels(reason=reason.value).inc()
 
-    async def _dead_letter(self, record: Any, reason: str) -> None:
+    async def _dead_letter(self, record: Any, error: ErrorInfo) -> None:
+        """Copy a request record to the DLQ as it came, with why and where from."""
         assert self.emitter is not None
-        error = ErrorInfo(code=ErrorCode.INVALID_REQUEST, message=reason, retryable=False)
         origin = RecordRef(topic=record.topic, partition=record.partition, offset=record.offset)
         await self.emitter.dead_letter(
             record.value or b"", record.key, error, origin, record.timestamp
         )
+        self.metrics.dead_letters.inc()
         log.warning(
-            "dead-lettered %s[%s]@%s: %s", record.topic, record.partition, record.offset, reason
+            "dead-lettered %s[%s]@%s: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            error.message,
         )
 
     def _meta(
@@ -762,6 +926,30 @@ class _ClaimsListener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("claiming from partitions %s", sorted(tp.partition for tp in assigned))
+
+
+async def _bounded(parts: dict[str, Any], timeout_s: float) -> None:
+    """Await `parts` (name -> awaitable) together for at most `timeout_s`; what fails is
+    logged, what is still running then is cancelled and not waited for."""
+    tasks = {asyncio.ensure_future(aw): name for name, aw in parts.items()}
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("closing the %s failed: %s", tasks[task], task.exception())
+    for task in pending:
+        log.warning("closing the %s took over %.0f s; left behind", tasks[task], timeout_s)
+        task.cancel()
+
+
+def _broker_trouble(exc: BaseException) -> bool:
+    """True for failures of the broker or the way to it (worth retrying), not of the record."""
+    from aiokafka.errors import KafkaError, KafkaTimeoutError
+
+    if isinstance(exc, (KafkaTimeoutError, asyncio.TimeoutError, ConnectionError)):
+        return True
+    return isinstance(exc, KafkaError) and bool(exc.retriable)
 
 
 async def _records_waiting(consumer: Any) -> bool:

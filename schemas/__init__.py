@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pydantic import TypeAdapter
 
-from ._base import SCHEMA_VERSION, Message, StrEnum, utcnow
+from ._base import SCHEMA_VERSION, Message, StrEnum, safe_text, utcnow
 from .control import CANCEL_ADAPTER, CancelRequest
-from .errors import ErrorCode, ErrorInfo
+from .errors import MAX_ERROR_MESSAGE_CHARS, ErrorCode, ErrorInfo
 from .events import (
     JOB_EVENT_ADAPTER,
     CancelledEvent,
@@ -76,6 +76,7 @@ __all__ = [
     "JOB_EVENT_ADAPTER",
     "JOB_REQUEST_ADAPTER",
     "MAX_BASE64_IMAGE_BYTES",
+    "MAX_ERROR_MESSAGE_CHARS",
     "NODE_INFO_ADAPTER",
     "NODE_LAYOUT_FIELDS",
     "PRESETS",
@@ -125,6 +126,7 @@ __all__ = [
     "TopicSpec",
     "UrlImage",
     "describe_validation_error",
+    "safe_text",
     "topic_specs",
     "utcnow",
 ]

@@ -5,6 +5,7 @@ Owns the model configuration and small field types. Must never do I/O.
 
 from __future__ import annotations
 
+import re
 import sys
 from datetime import datetime, timezone
 from enum import Enum
@@ -53,6 +54,33 @@ def _no_control_chars(value: str) -> str:
 
 SafeText = Annotated[str, AfterValidator(_no_control_chars)]
 """Free text that may travel to logs and terminals: no control characters but tab/newline."""
+
+# Characters escaped by `safe_text`: C0/C1 controls, lone surrogates (unencodable as UTF-8),
+# line and paragraph separators, and the bidirectional overrides that reorder what a
+# terminal shows ("Trojan Source").
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029\u200e\u200f\u061c\u202a-\u202e\u2066-\u2069]"
+)
+_ELLIPSIS = "…"
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe_text(value: str, limit: int) -> str:
+    """`value` made fit for a `SafeText` field of at most `limit` characters, whatever it
+    holds: unsafe characters escaped as `\\xNN`/`\\uNNNN`, and cut with `…` past `limit`.
+
+    Every message built from input (a field name, a key, a value) goes through this, so
+    refusing bad input can never fail on the refusal's own rules.
+    """
+    text = _UNSAFE.sub(_escape, value)
+    if len(text) > limit:
+        text = text[: max(0, limit - len(_ELLIPSIS))] + _ELLIPSIS
+    return text
+
 
 Timestamp = Annotated[
     AwareDatetime,

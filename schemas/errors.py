@@ -9,7 +9,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from ._base import Message, SafeText, StrEnum
+from ._base import Message, SafeText, StrEnum, safe_text
 
 
 class ErrorCode(StrEnum):
@@ -54,6 +54,9 @@ _CLIENT_ERRORS = frozenset(
 )
 
 
+MAX_ERROR_MESSAGE_CHARS = 2000
+
+
 class ErrorInfo(Message):
     """What went wrong, in words that say what to change. Never echoes secrets or input bytes."""
 
@@ -63,7 +66,7 @@ class ErrorInfo(Message):
     message: Annotated[
         SafeText,
         Field(
-            max_length=2000,
+            max_length=MAX_ERROR_MESSAGE_CHARS,
             description="Human-readable explanation that says what to change.",
             examples=["num_frames must be 4n+1 between 5 and 121; got 80"],
         ),
@@ -75,3 +78,13 @@ class ErrorInfo(Message):
             description="True when the same request may succeed if submitted again later.",
         ),
     ]
+
+    @classmethod
+    def of(cls, code: ErrorCode, message: str, retryable: bool = False) -> ErrorInfo:
+        """An `ErrorInfo` that cannot fail to build: `message` is escaped and cut to fit.
+
+        Nodes build every error they send this way, since messages may quote input.
+        """
+        return cls(
+            code=code, message=safe_text(message, MAX_ERROR_MESSAGE_CHARS), retryable=retryable
+        )

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from ._base import Message, SafeText, SchemaVersion, Timestamp, utcnow
+from ._base import Message, SafeText, SchemaVersion, Timestamp, safe_text, utcnow
 from .presets import (
     DEFAULT_FPS,
     DEFAULT_NUM_FRAMES,
@@ -103,6 +103,15 @@ class S3Object(Message):
         str,
         Field(min_length=1, max_length=1024, description="Object key.", examples=["in/cat.png"]),
     ]
+
+    @field_validator("key")
+    @classmethod
+    def _plain_key(cls, value: str) -> str:
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise ValueError("must not contain control characters")
+        if any(part in (".", "..") for part in value.split("/")):
+            raise ValueError("must not have '.' or '..' path segments; give the object's key")
+        return value
 
     @field_validator("bucket")
     @classmethod
@@ -491,16 +500,7 @@ class JobRequest(Message):
     @field_validator("metadata")
     @classmethod
     def _small_metadata(cls, value: dict[str, str]) -> dict[str, str]:
-        if len(value) > MAX_METADATA_ENTRIES:
-            raise ValueError(f"must have at most {MAX_METADATA_ENTRIES} entries; got {len(value)}")
-        for key, item in value.items():
-            if not 1 <= len(key) <= MAX_METADATA_KEY_CHARS:
-                raise ValueError(f"keys must be 1-{MAX_METADATA_KEY_CHARS} characters; got {key!r}")
-            if len(item) > MAX_METADATA_VALUE_CHARS:
-                raise ValueError(
-                    f"value of {key!r} must be at most {MAX_METADATA_VALUE_CHARS} characters"
-                )
-        return value
+        return check_metadata(value)
 
     @model_validator(mode="after")
     def _custom_preset_complete(self) -> JobRequest:
@@ -541,6 +541,24 @@ class JobRequest(Message):
 
 
 _N = TypeVar("_N", int, float)
+
+
+def check_metadata(value: dict[str, str]) -> dict[str, str]:
+    """`value` if it is small enough to echo in every event of a job, else `ValueError`."""
+    if len(value) > MAX_METADATA_ENTRIES:
+        raise ValueError(f"must have at most {MAX_METADATA_ENTRIES} entries; got {len(value)}")
+    for key, item in value.items():
+        shown = safe_text(key, 40)
+        if not 1 <= len(key) <= MAX_METADATA_KEY_CHARS:
+            raise ValueError(
+                f"keys must be 1-{MAX_METADATA_KEY_CHARS} characters; got {shown!r} "
+                f"({len(key)} characters)"
+            )
+        if len(item) > MAX_METADATA_VALUE_CHARS:
+            raise ValueError(
+                f"value of {shown!r} must be at most {MAX_METADATA_VALUE_CHARS} characters"
+            )
+    return value
 
 
 def _check_range(model: type[Message], value: _N, info: ValidationInfo) -> _N:

@@ -323,6 +323,40 @@ async def test_get_image_of_a_missing_object_is_the_submitters_error(
     assert caught.value.info().code == ErrorCode.IMAGE_FETCH_FAILED
 
 
+@pytest.mark.minio
+@pytest.mark.parametrize(
+    ("fault", "words"),
+    [
+        ("key:a/../b.png", "not a valid object reference"),
+        ("key:./b.png", "not a valid object reference"),
+        ("AccessDenied", "read access"),
+        ("AllAccessDisabled", "closed to all access"),
+        ("InvalidObjectName", "valid object key"),
+        ("InvalidBucketName", "valid bucket name"),
+        ("KeyTooLongError", "1024 bytes"),
+        ("InvalidObjectState", "archived"),
+    ],
+)
+async def test_a_bad_image_reference_is_the_submitters_error_never_internal(
+    store: ResultStore, monkeypatch: pytest.MonkeyPatch, fault: str, words: str
+) -> None:
+    """Every way an `s3` image reference can be at fault ends as `image_fetch_failed` with
+    what to change: never `internal` (our bug) nor `storage_failed` (the store's trouble)."""
+    key = "inputs/cat.png"
+    if fault.startswith("key:"):
+        key = fault.removeprefix("key:")
+    else:
+
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise _s3_error(403 if fault.startswith("A") else 400, fault)
+
+        monkeypatch.setattr(store._client, "stat_object", refuse)
+    with pytest.raises(ImageFetchFailed, match=words) as caught:
+        await store.get_image(store.config.bucket, key)
+    info = caught.value.info()
+    assert (info.code, info.retryable) == (ErrorCode.IMAGE_FETCH_FAILED, False)
+
+
 # -- failures ---------------------------------------------------------------------------
 
 

@@ -21,7 +21,9 @@ image_sources = st.one_of(
     st.builds(
         lambda bucket, key: {"s3": {"bucket": bucket, "key": key}},
         st.from_regex(r"[a-z0-9][a-z0-9-]{1,20}[a-z0-9]", fullmatch=True),
-        st.from_regex(r"[A-Za-z0-9/_.-]{1,60}", fullmatch=True),
+        st.from_regex(r"[A-Za-z0-9/_.-]{1,60}", fullmatch=True).filter(
+            lambda key: not {".", ".."} & set(key.split("/"))
+        ),
     ),
     st.binary(min_size=1, max_size=300).map(lambda b: {"base64": base64.b64encode(b).decode()}),
 )

@@ -61,6 +61,9 @@ MUTATIONS: list[tuple[str, Any, str]] = [
     ("image", {"url": "ftp://a.io/x.png"}, "http or https"),
     ("image", {"url": "https://user:pw@a.io/x.png"}, "credentials"),
     ("image", {"s3": {"bucket": "Bad_Bucket", "key": "k"}}, "lowercase"),
+    ("image", {"s3": {"bucket": "uploads", "key": "a/../b.png"}}, "'..' path segments"),
+    ("image", {"s3": {"bucket": "uploads", "key": "a\x00b"}}, "control"),
+    ("metadata", {"k" * 3000: "v"}, "3000 characters"),
     ("image", {"base64": "not base64!!"}, "base64"),
     ("quality_preset", "ultra", "'fast', 'balanced', 'high' or 'custom'"),
     ("image_size", "640*360", "'1280*720'"),
@@ -98,6 +101,17 @@ def test_mutated_requests_are_refused_naming_the_field(
     message = _refusal({**data, field: value})
     assert message.startswith(field) or f"; {field}" in message or f"{field}." in message
     assert words in message
+
+
+def test_refusals_fit_an_error_message_whatever_the_input() -> None:
+    """Names and keys from the input are escaped and cut, so the refusal itself is valid."""
+    from schemas import ErrorCode, ErrorInfo
+
+    hostile = _minimal(metadata={"\x1b[31m" * 500: "v"}) | {"\x00" + "n" * 9000: 1}
+    message = _refusal(hostile)
+    assert "\x1b" not in message and "\x00" not in message
+    assert len(message) <= 2000
+    ErrorInfo(code=ErrorCode.INVALID_REQUEST, message=message)
 
 
 def test_messages_never_echo_the_input() -> None:
