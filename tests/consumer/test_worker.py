@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import signal
 import subprocess
@@ -53,11 +54,13 @@ def _job(**fields: Any) -> JobRequest:
     return JobRequest.model_validate({**base, **fields})
 
 
-async def _publish(kafka: KafkaSettings, topic: str, value: bytes, key: bytes | None) -> None:
+async def _publish(
+    kafka: KafkaSettings, topic: str, value: bytes, key: bytes | None, partition: int | None = None
+) -> None:
     producer = AIOKafkaProducer(**kafka.client_kwargs(), acks="all")
     await producer.start()
     try:
-        await producer.send_and_wait(topic, value, key=key)
+        await producer.send_and_wait(topic, value, key=key, partition=partition)
     finally:
         await producer.stop()
 
@@ -188,6 +191,67 @@ async def test_poison_and_invalid_records_do_not_stop_the_next_job(
     headers = dict(record.headers)
     assert headers["i2v-error-code"] == b"invalid_request"
     assert headers["i2v-original-topic"] == worker_topics.requests.encode()
+
+
+async def test_no_hostile_record_stops_its_partition(
+    worker: Any, cluster: Any, worker_topics: TopicNames
+) -> None:
+    """Every kind of record that once wedged a partition sits in front of a valid job in
+    the same partition: each is answered (failed with a stable code when its id is
+    readable) or dead-lettered, and the valid job behind them all succeeds."""
+    ids = [uuid.uuid4() for _ in range(7)]
+    base = _job().model_dump(mode="json")
+
+    def job(i: int, **fields: Any) -> bytes:
+        return json.dumps({**base, "job_id": str(ids[i]), **fields}).encode()
+
+    # (record, its job id when readable, whether a DLQ copy is expected)
+    hostile: list[tuple[bytes, uuid.UUID | None, bool]] = [
+        # The refusal would echo a control character: in the id, in a field name.
+        (b'{"job_id": "3f2b8c1e\\u0001", "prompt": "x"}', None, True),
+        (f'{{"job_id": "{ids[0]}", "a\\u0000b": 1}}'.encode(), ids[0], False),
+        # A field name and a metadata key thousands of characters long.
+        (job(1, **{"n" * 5000: 1}), ids[1], False),
+        (job(2, metadata={"k" * 5000: "v"}), ids[2], True),
+        # The record's own attempt cannot go into an event.
+        (job(3, attempt=0), ids[3], True),
+        (job(4, attempt=2**70), ids[4], True),
+        # Wrong-typed metadata; no id and a control character in the message.
+        (job(5, metadata=["a"]), ids[5], True),
+        (b'{"prompt": "\\u0007", "\\u0001": 2}', None, True),
+        # An s3 reference whose key climbs out of its folder.
+        (job(6, image={"s3": {"bucket": "i2v-in", "key": "a/../b.png"}}), ids[6], False),
+    ]
+    for value, job_id, _ in hostile:
+        key = str(job_id).encode() if job_id else b"hostile"
+        await _publish(cluster.kafka, worker_topics.requests, value, key, partition=0)
+    good = _job()
+    await _publish(
+        cluster.kafka, worker_topics.requests, good.model_dump_json().encode(), good.key, 0
+    )
+    done = await _events(cluster.kafka, worker_topics.status, good.job_id, timeout=120)
+    assert done[-1].type == "succeeded"
+    for job_id in ids:
+        events = await _events(cluster.kafka, worker_topics.status, job_id, timeout=10)
+        assert [e.type for e in events] == ["failed"], job_id
+        assert events[0].error.code == "invalid_request"
+        assert events[0].attempt == 1
+    dead = await _dlq_values(cluster.kafka, worker_topics.dlq)
+    assert {value for value, _, copied in hostile if copied} <= set(dead)
+    assert not {value for value, _, copied in hostile if not copied} & set(dead)
+
+
+async def _dlq_values(kafka: KafkaSettings, topic: str) -> list[bytes]:
+    """Every value on the DLQ topic so far."""
+    consumer = AIOKafkaConsumer(
+        topic, **kafka.client_kwargs(), auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        batch = await consumer.getmany(timeout_ms=3000)
+        return [r.value for records in batch.values() for r in records]
+    finally:
+        await consumer.stop()
 
 
 async def test_cancel_while_queued_and_ttl_expiry_cost_no_compute(
