@@ -106,7 +106,7 @@ class BrokerWatch:
                 "claims wait until it is back",
                 now - self._last_ok,
                 self._last_error,
-                extra={"event": "kafka_unreachable", "watch": self.name},
+                extra={"kafka_outage": "started", "kafka_down_s": round(now - self._last_ok, 1)},
             )
         elif now - self._last_reminder >= self.remind_s:
             self._last_reminder = now
@@ -115,7 +115,7 @@ class BrokerWatch:
                 now - self._down_since,
                 self._last_error,
                 KAFKA_NOISE.suppressed,
-                extra={"event": "kafka_unreachable", "watch": self.name},
+                extra={"kafka_outage": "ongoing", "kafka_down_s": round(now - self._down_since, 1)},
             )
 
     def _ok(self) -> None:
@@ -128,7 +128,7 @@ class BrokerWatch:
                 "(%d client log lines held back)",
                 now - self._down_since,
                 held,
-                extra={"event": "kafka_reachable", "watch": self.name},
+                extra={"kafka_outage": "ended", "kafka_down_s": round(now - self._down_since, 1)},
             )
             self._down_since = None
 

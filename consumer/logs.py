@@ -19,6 +19,7 @@ def configure(node_id: str, level: str = "INFO") -> None:
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
+        structlog.stdlib.ExtraAdder(),  # fields passed as `extra=` (e.g. kafka_outage)
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: structlog.types.Processor = (
