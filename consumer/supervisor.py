@@ -818,10 +818,13 @@ class Supervisor:
     async def _progress(self, job: JobRequest, phase: Phase, step: int, total: int) -> None:
         assert self.emitter is not None
         self.stats.current_phase, self.stats.current_step = phase.value, (step, total)
+        if self.broker is not None and not self.broker.reachable:
+            return  # best effort: never hold the job up waiting for a lost broker
         try:
-            await self.emitter.progress(job, phase, step, total)
+            # The client waits for buffer space while the broker is slow or gone: bounded.
+            await asyncio.wait_for(self.emitter.progress(job, phase, step, total), 2.0)
         except Exception as exc:  # progress is best effort; the final event is not
-            log.warning("progress event for %s not sent: %s", job.job_id, exc)
+            log.warning("progress event for %s not sent: %s", job.job_id, exc or type(exc).__name__)
 
     async def _fail(self, job: JobRequest, exc: JobError) -> None:
         assert self.emitter is not None
