@@ -37,6 +37,9 @@ from .request import (
     Stopped,
 )
 
+NEGATIVE_CACHE_SIZE = 8
+"""Negative prompts whose embeddings an engine keeps (a few hundred KiB each at 14B)."""
+
 
 def make_scheduler(config: dict[str, Any], solver: Solver, shift: float) -> Any:
     """A fresh flow-matching scheduler per generation (schedulers keep per-run state)."""
@@ -104,6 +107,7 @@ class WanI2V:
         self._latents_mean = torch.tensor(vae_config.latents_mean).view(1, -1, 1, 1, 1)
         self._latents_std = torch.tensor(vae_config.latents_std).view(1, -1, 1, 1, 1)
         enable_ulysses(components.transformer, self.ranks)
+        self._negative_cache: dict[tuple[str, int], torch.Tensor] = {}
 
     @classmethod
     def load(
@@ -284,7 +288,9 @@ class WanI2V:
     def _encode(self, r: GenerationRequest, report: ProgressCallback) -> tuple[Any, ...]:
         prompt_embeds = self._encode_text(r.prompt, r.max_sequence_length)
         negative_embeds = (
-            self._encode_text(r.negative_prompt or DEFAULT_NEGATIVE_PROMPT, r.max_sequence_length)
+            self._encode_negative(
+                r.negative_prompt or DEFAULT_NEGATIVE_PROMPT, r.max_sequence_length
+            )
             if r.do_guidance
             else None
         )
@@ -293,6 +299,19 @@ class WanI2V:
         return prompt_embeds, negative_embeds, image_embeds, self._condition_latents(r)
 
     # -- the steps, each small -------------------------------------------------------
+
+    def _encode_negative(self, text: str, max_length: int) -> torch.Tensor:
+        """The negative prompt's embeddings, kept across jobs: most jobs share one (the
+        default), and on a CPU text encoder it costs seconds. Every rank keeps the same
+        entries, so all of them hit or miss together (a miss may broadcast)."""
+        key = (text, max_length)
+        embeds = self._negative_cache.pop(key, None)
+        if embeds is None:
+            embeds = self._encode_text(text, max_length)
+        self._negative_cache[key] = embeds  # most recent last
+        while len(self._negative_cache) > NEGATIVE_CACHE_SIZE:
+            self._negative_cache.pop(next(iter(self._negative_cache)))
+        return embeds
 
     def _encode_text(self, text: str, max_length: int) -> torch.Tensor:
         """UMT5 embeddings of the cleaned text, padded with zeros past its real length.

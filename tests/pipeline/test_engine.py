@@ -222,3 +222,26 @@ def test_out_of_memory_becomes_a_retryable_typed_error(
     with pytest.raises(OutOfMemory, match="fewer frames") as info:
         engine.generate(_request(small_image))
     assert (info.value.code, info.value.retryable) == ("out_of_memory", True)
+
+
+def test_the_negative_prompt_is_encoded_once_across_jobs(
+    engine: WanI2V, small_image: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second job with the same negative prompt reuses its embeddings (the text encoder
+    runs for the prompt alone), and its frames are those of an uncached run."""
+    request = _request(small_image, infer_steps=2, negative_prompt="grainy, static")
+    first = _frames(engine.generate(request))
+    encoded: list[str] = []
+    original = engine._run_text_encoder
+
+    def counting(text: str, max_length: int) -> torch.Tensor:
+        encoded.append(text)
+        return original(text, max_length)
+
+    monkeypatch.setattr(engine, "_run_text_encoder", counting)
+    second = _frames(engine.generate(request))
+    assert encoded == [request.prompt]
+    assert np.array_equal(first, second)
+    other = _frames(engine.generate(replace(request, negative_prompt="washed out")))
+    assert encoded == [request.prompt, request.prompt, "washed out"]
+    assert not np.array_equal(first, other)
