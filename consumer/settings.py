@@ -126,6 +126,13 @@ class WorkerSettings(BaseSettings):
     minio_secret_key: SecretStr = SecretStr("minioadmin")
     minio_bucket: str = "i2v-videos"
     minio_secure: bool = False
+    minio_ca_file: str | None = Field(
+        None,
+        description=(
+            "PEM bundle of the CAs that may sign the store's certificate, for a private CA "
+            "(empty: the system's CAs)."
+        ),
+    )
     minio_region: str | None = None
     output_retention_days: int | None = Field(None, ge=1)
     presign_expiry_s: int = Field(7 * 24 * 3600, ge=1, le=7 * 24 * 3600)

@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import random
+import ssl
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -26,7 +27,7 @@ from minio.error import InvalidResponseError, MinioException, S3Error, ServerErr
 from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import to_json
-from urllib3.exceptions import HTTPError, LocationValueError
+from urllib3.exceptions import HTTPError, LocationValueError, SSLError
 
 from schemas import JobResult, safe_text, utcnow
 
@@ -91,6 +92,9 @@ class StoreConfig:
     secret_key: str = field(repr=False)
     bucket: str
     secure: bool = False
+    ca_file: str | None = None
+    """PEM bundle of the CAs that may sign the store's certificate (MINIO_CA_FILE); None
+    trusts the system's CAs."""
     region: str | None = None
     presign_expiry_s: int = MAX_PRESIGN_EXPIRY_S
     """Clamped to 1 s .. 7 days."""
@@ -290,6 +294,11 @@ class ResultStore:
         code = str(exc.code) if isinstance(exc, S3Error) else ""
         if code in _HINTS:
             hint = _HINTS[code]
+        elif _tls_refused(exc) is not None:
+            hint = (
+                "check MINIO_CA_FILE: it must name the PEM bundle of the CA that signed the "
+                f"certificate of {self.config.endpoint} (empty: the system's CAs)"
+            )
         elif _transient(exc):
             hint = f"check that the object store at {self.config.endpoint} is up and reachable"
         else:
@@ -369,8 +378,13 @@ class ResultStore:
 def _minio(config: StoreConfig, connect_s: float, read_s: float) -> Minio:
     # No urllib3 retries (minio's default pool retries 5 times): an outage must fail within
     # one timeout into our own backoff, which logs and is bounded by `retries`.
+    # Certificates are always verified: against `ca_file` when given, else the system's CAs.
     http = urllib3.PoolManager(
-        timeout=urllib3.Timeout(connect=connect_s, read=read_s), retries=False, maxsize=10
+        timeout=urllib3.Timeout(connect=connect_s, read=read_s),
+        retries=False,
+        maxsize=10,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=config.ca_file,
     )
     return Minio(
         config.endpoint,
@@ -411,7 +425,23 @@ def _status(exc: BaseException) -> int:
     return 0
 
 
+def _tls_refused(exc: BaseException) -> BaseException | None:
+    """The cause when TLS failed because of our trust settings, not the network: the
+    certificate could not be verified, or the CA file could not be read. None otherwise."""
+    if not isinstance(exc, SSLError):
+        return None
+    # urllib3 wraps the ssl (or, for an unreadable CA file, the OS) error it got.
+    for cause in (*exc.args, exc.__cause__, exc.__context__):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return cause
+        if isinstance(cause, OSError) and not isinstance(cause, ssl.SSLError):
+            return cause
+    return None
+
+
 def _transient(exc: BaseException) -> bool:
+    if _tls_refused(exc) is not None:
+        return False  # the same certificate and CA file fail the same way next time
     if isinstance(exc, S3Error) and exc.code in _TRANSIENT_CODES:
         return True
     if isinstance(exc, MinioException):
@@ -426,6 +456,12 @@ def _reason(exc: BaseException) -> str:
     # Built from codes and class names only: SDK messages may carry request paths.
     if isinstance(exc, S3Error) and exc.code:
         return str(exc.code)
+    cause = _tls_refused(exc)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        # OpenSSL's reason names the certificate problem and at most the host we dialled.
+        return f"a TLS certificate that could not be verified ({cause.verify_message})"
+    if cause is not None:
+        return f"a CA file that could not be read ({type(cause).__name__})"
     if status := _status(exc):
         return f"HTTP {status}"
     return type(exc).__name__

@@ -76,6 +76,7 @@ def build(
             secret_key=s.minio_secret_key.get_secret_value(),
             bucket=s.minio_bucket,
             secure=s.minio_secure,
+            ca_file=s.minio_ca_file or None,
             region=s.minio_region,
             presign_expiry_s=s.presign_expiry_s,
             retention_days=s.output_retention_days,

@@ -351,12 +351,26 @@ def _upload(store: ObjectStoreSettings, key: str, data: bytes) -> str:
     from minio import Minio
     from minio.error import MinioException
 
+    http = None
+    if store.ca_file:  # minio's own client, but trusting the given CAs
+        import urllib3
+
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=300, read=300),
+            maxsize=10,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=store.ca_file,
+            retries=urllib3.Retry(
+                total=5, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
+            ),
+        )
     client = Minio(
         store.endpoint,
         store.access_key,
         store.secret_key.get_secret_value(),
         secure=store.secure,
         region=store.region,
+        http_client=http,
     )
     try:
         client.put_object(store.bucket, key, io.BytesIO(data), len(data))

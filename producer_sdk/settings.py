@@ -83,4 +83,11 @@ class ObjectStoreSettings(BaseSettings):
     secret_key: SecretStr = SecretStr("minioadmin")
     bucket: str = "i2v-videos"
     secure: bool = False
+    ca_file: str | None = Field(
+        None,
+        description=(
+            "PEM bundle of the CAs that may sign the store's certificate (MINIO_CA_FILE); "
+            "empty: the CAs of certifi, or of SSL_CERT_FILE when set."
+        ),
+    )
     region: str | None = None

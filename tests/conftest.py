@@ -78,6 +78,40 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             stack.down()
 
 
+@pytest.fixture(scope="session")
+def durable_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A second local stack whose broker keeps its log in a bucket of its S3 server, for
+    tests that crash and restart the broker; started once per session, only when asked for.
+
+    Always local, whatever KAFKA_BOOTSTRAP_SERVERS says: the tests kill its broker.
+    """
+    stack = DevStack(
+        StackConfig(
+            state_dir=Path(tmp_path_factory.mktemp("durable-stack")),
+            kafka_port=free_port(),
+            s3_port=free_port(),
+            partitions=2,
+            bucket=f"i2v-test-{uuid.uuid4().hex[:8]}",
+            durable=True,
+        )
+    )
+    try:
+        stack.up()
+        c = stack.config
+        yield Cluster(
+            kafka=KafkaSettings(bootstrap_servers=c.bootstrap_servers),
+            s3=ObjectStoreSettings(
+                endpoint=c.s3_endpoint,
+                access_key=c.access_key,
+                secret_key=SecretStr(c.secret_key),
+                bucket=c.bucket,
+            ),
+            stack=stack,
+        )
+    finally:
+        stack.down()
+
+
 @pytest.fixture
 def kafka(cluster: Cluster) -> KafkaSettings:
     """Connection settings of the test broker."""

@@ -86,6 +86,25 @@ class BackgroundProcess:
         self.pid_file.unlink(missing_ok=True)
         return True
 
+    def kill(self, timeout_s: float = 5.0) -> bool:
+        """SIGKILL the service's process group at once, as a crash would; wait until it is gone.
+
+        True if it ran. Nothing of the service gets to run after the signal: no flush, no
+        goodbye to clients.
+        """
+        pid = self.pid()
+        if pid is None:
+            return False
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout_s
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {self.name} (pid {pid}) outlived SIGKILL by {timeout_s} s")
+            time.sleep(0.02)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])

@@ -7,6 +7,7 @@ import io
 import socket
 import urllib.request
 import uuid
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 from producer_sdk.admin import TopicOutcome, create_topics, list_topics
 from producer_sdk.cli import app
 from producer_sdk.devstack import DevStack, StackConfig, free_port
+from producer_sdk.errors import DevStackError
 from producer_sdk.settings import KafkaSettings, ObjectStoreSettings
 from schemas import JOB_REQUEST_ADAPTER, JobRequest, TopicNames, topic_specs
 from tests.conftest import Cluster
@@ -175,6 +177,7 @@ def test_dev_up_refuses_a_port_taken_by_another_program(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "--kafka-port" in result.stderr
     assert stack.broker.pid() is None
+    assert stack.s3.pid() is None
 
 
 @pytest.mark.kafka
@@ -198,3 +201,22 @@ def test_the_session_stack_is_reported_healthy(cluster: Cluster) -> None:
     )
     assert result.exit_code == 0, result.output
     assert result.stdout.count("yes") == 2
+    assert {s.name: s.storage for s in cluster.stack.status()} == {
+        "broker": "memory",
+        "s3": "memory",
+    }
+
+
+@pytest.mark.kafka
+def test_up_durable_refuses_a_running_memory_broker(cluster: Cluster) -> None:
+    """Asking for a durable broker where a memory one runs says how to switch, and changes
+    nothing: the running broker keeps its pid and its storage."""
+    if cluster.stack is None:
+        pytest.skip("running against an external cluster")
+    c = cluster.stack.config
+    pid = cluster.stack.broker.pid()
+    durable = DevStack(replace(c, durable=True))
+    with pytest.raises(DevStackError, match=r"runs with memory storage.*--keep-s3"):
+        durable.up()
+    assert cluster.stack.broker.pid() == pid
+    assert durable.running_config().storage == "memory"
