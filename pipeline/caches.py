@@ -95,6 +95,7 @@ def applied_cache(
 
         from .parallel import agree_first_block_cache
 
+        _register_block_class(transformer)
         transformer.enable_cache(FirstBlockCacheConfig(threshold=spec.threshold))
         if ranks is not None:
             agree_first_block_cache(transformer, ranks)
@@ -104,3 +105,39 @@ def applied_cache(
             transformer.disable_cache()
     else:  # pragma: no cover - the request's check() refuses other kinds
         raise TypeError(f"unknown cache spec {spec!r}")
+
+
+def _register_block_class(transformer: Any) -> None:
+    """Tell diffusers' hooks how the blocks of `transformer` return their outputs when
+    their class is not the one diffusers registered: FSDP2 (DIT_FSDP) swaps each block's
+    class for an `FSDP<Block>` subclass, which the first-block cache would refuse."""
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+    block = type(transformer.blocks[0])
+    try:
+        TransformerBlockRegistry.get(block)
+        return
+    except ValueError:
+        pass
+    base = next(c for c in block.__mro__[1:] if _registered(c))
+    known = TransformerBlockRegistry.get(base)
+    # A new metadata object: `register` records the class on the one it is given.
+    TransformerBlockRegistry.register(
+        block,
+        TransformerBlockMetadata(
+            return_hidden_states_index=known.return_hidden_states_index,
+            return_encoder_hidden_states_index=known.return_encoder_hidden_states_index,
+            hidden_states_argument_name=known.hidden_states_argument_name,
+            encoder_hidden_states_argument_name=known.encoder_hidden_states_argument_name,
+        ),
+    )
+
+
+def _registered(cls: type) -> bool:
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    try:
+        TransformerBlockRegistry.get(cls)
+    except ValueError:
+        return False
+    return True
