@@ -1,6 +1,7 @@
 """Image URL downloads: the one place that opens a job's image URL, hardened against SSRF.
 
-Owns URL and address checks, redirects, the size and time limits and content sniffing. Must
+Owns URL and address checks, redirects, the size and time limits and refusing bodies that are
+not images (the sniffer itself is `pipeline.formats`). Must
 never open a socket to an address it has not checked, nor echo query strings or fetched bytes.
 """
 
@@ -17,6 +18,8 @@ from typing import Protocol
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
+
+from pipeline.formats import ALLOWED_NAMES, SNIFF_BYTES, format_noun, sniff_format
 
 from .errors import ImageFetchFailed, ImageRejected
 
@@ -37,7 +40,6 @@ _MiB = 1024 * 1024
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _CHUNK = 64 * 1024
-_SNIFF_BYTES = 16
 _ALLOW_PRIVATE = "only public hosts are fetched unless ALLOWED_HOSTS names the host"
 
 # Written out instead of trusting `ip.is_global`, whose answer has changed between Python
@@ -400,7 +402,7 @@ async def _handle(resp: aiohttp.ClientResponse, target: Target, policy: FetchPol
         body += chunk
         if len(body) > policy.max_bytes:
             raise ImageFetchFailed(too_big)
-        if not sniffed and len(body) >= _SNIFF_BYTES:
+        if not sniffed and len(body) >= SNIFF_BYTES:
             _sniff(body, resp)  # refuse a web page before downloading all of it
             sniffed = True
     if not sniffed:
@@ -409,15 +411,31 @@ async def _handle(resp: aiohttp.ClientResponse, target: Target, policy: FetchPol
 
 
 def _sniff(body: bytearray, resp: aiohttp.ClientResponse) -> None:
-    head = bytes(body[:_SNIFF_BYTES])
     # The bytes decide, not Content-Type: servers label images wrongly all the time.
-    if head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")):
+    name = sniff_format(bytes(body[:SNIFF_BYTES]))
+    if name in ALLOWED_NAMES:
         return
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return
-    mime = resp.content_type if _SAFE_MIME.fullmatch(resp.content_type) else "an unknown type"
-    got = "an empty body" if not head else mime
-    raise ImageRejected(f"URL did not return a JPEG, PNG or WebP image (got {got})")
+    if not body:
+        found = "the body was empty"
+    elif name is None:
+        found = "the bytes are not a known image format"
+    else:
+        found = f"the bytes are {format_noun(name)}"
+    raise ImageRejected(
+        f"URL did not return a JPEG, PNG or WebP image: {found} ({_labelled(resp)})"
+    )
+
+
+def _labelled(resp: aiohttp.ClientResponse) -> str:
+    """What the Content-Type header said: only a well-formed MIME type is ever repeated."""
+    raw = resp.headers.get("Content-Type")
+    if raw is None:
+        return "no Content-Type"
+    # From the header itself: aiohttp's parsed value turns an invalid one into a default.
+    mime = raw.partition(";")[0].strip().lower()
+    if _SAFE_MIME.fullmatch(mime):
+        return f"Content-Type said {mime}"
+    return "Content-Type was not a valid MIME type"
 
 
 def _describe(exc: aiohttp.ClientError, host: str, policy: FetchPolicy) -> str:

@@ -410,6 +410,22 @@ def _png() -> bytes:
 PNG = _png()
 
 
+def _gif() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(out, format="GIF")
+    return out.getvalue()
+
+
+BODIES = {
+    "png": PNG,
+    "gif": _gif(),
+    "html": b"\n  <!DOCTYPE html>\n<html><body>Access denied</body></html>",
+    "empty": b"",
+    "unknown": b"\x13\x37" * 200,
+}
+"""What `/body/{name}` serves, under whatever Content-Type the `type` query names."""
+
+
 @dataclass
 class Served:
     """The loopback image server of one test and what it saw."""
@@ -489,8 +505,15 @@ def _app(served: Served) -> web.Application:
             await asyncio.sleep(0.05)
         return web.Response(body=PNG, content_type="image/png")
 
+    async def body(request: web.Request) -> web.Response:
+        record(request)
+        response = web.Response(body=BODIES[request.match_info["name"]])
+        response.headers["Content-Type"] = request.query["type"]
+        return response
+
     app = web.Application()
     app.router.add_get("/image.png", image)
+    app.router.add_get("/body/{name}", body)
     app.router.add_get("/hops/{n}", hops)
     app.router.add_get("/go", go)
     app.router.add_get("/page", page)
@@ -605,7 +628,55 @@ async def test_a_web_page_is_rejected_as_not_an_image(served: Served) -> None:
     """An HTML body is ImageRejected, whatever the URL promised."""
     with pytest.raises(ImageRejected) as caught:
         await fetch_image(served.url("/page"), LOOPBACK_ALLOWED)
-    assert str(caught.value) == "URL did not return a JPEG, PNG or WebP image (got text/html)"
+    assert caught.value.code == "image_invalid"
+    assert str(caught.value) == (
+        "URL did not return a JPEG, PNG or WebP image: the bytes are an HTML page "
+        "(Content-Type said text/html)"
+    )
+
+
+NOT_AN_IMAGE = "URL did not return a JPEG, PNG or WebP image: "
+
+
+@pytest.mark.parametrize(
+    ("name", "content_type", "message"),
+    [
+        ("gif", "image/png", "the bytes are a GIF image (Content-Type said image/png)"),
+        ("html", "image/jpeg", "the bytes are an HTML page (Content-Type said image/jpeg)"),
+        ("empty", "image/png", "the body was empty (Content-Type said image/png)"),
+        (
+            "unknown",
+            "application/octet-stream",
+            "the bytes are not a known image format (Content-Type said application/octet-stream)",
+        ),
+        (
+            "gif",
+            "Image/GIF; charset=binary",
+            "the bytes are a GIF image (Content-Type said image/gif)",
+        ),
+        (
+            "gif",
+            "image/<script>",
+            "the bytes are a GIF image (Content-Type was not a valid MIME type)",
+        ),
+        ("gif", "garbage", "the bytes are a GIF image (Content-Type was not a valid MIME type)"),
+    ],
+    ids=["gif-as-png", "html-as-jpeg", "empty", "unknown", "params-dropped", "unsafe", "no-slash"],
+)
+async def test_a_refusal_says_what_the_bytes_are_and_what_the_header_said(
+    served: Served, name: str, content_type: str, message: str
+) -> None:
+    """The sniffed format of the body is named, next to the Content-Type the server sent,
+    of which nothing but a well-formed MIME type is repeated."""
+    with pytest.raises(ImageRejected) as caught:
+        await fetch_image(served.url(f"/body/{name}?type={content_type}"), LOOPBACK_ALLOWED)
+    assert caught.value.code == "image_invalid"
+    assert str(caught.value) == NOT_AN_IMAGE + message
+
+
+async def test_the_bytes_decide_not_the_content_type(served: Served) -> None:
+    """A PNG served as text/html is fetched: servers mislabel images all the time."""
+    assert await fetch_image(served.url("/body/png?type=text/html"), LOOPBACK_ALLOWED) == PNG
 
 
 @pytest.mark.parametrize(
