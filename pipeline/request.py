@@ -8,7 +8,7 @@ Must never know where a request came from (no Kafka, no job schema).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .errors import InvalidRequest
 
@@ -39,6 +39,12 @@ class ProgressCallback(Protocol):
 
 class StopCallback(Protocol):
     def __call__(self) -> bool: ...
+
+
+class FramesCallback(Protocol):
+    """Receives decoded frames in order as uint8 arrays shaped (f, H, W, 3)."""
+
+    def __call__(self, frames: Any) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,30 @@ def decode(vae: Any, z: torch.Tensor, group: dist.ProcessGroup | None = None) ->
     return _gather_rows(band, bands, group)
 
 
+def decode_chunks(
+    vae: Any, z: torch.Tensor, group: dist.ProcessGroup | None = None
+) -> Iterator[torch.Tensor]:
+    """`decode` one latent frame at a time: yields the video's frames (B, 3, f, H, W) in
+    order as the decoder makes them (1 frame, then 4 per latent frame), so a caller can
+    encode them while the next ones are decoded. Concatenated along dim 2 they are exactly
+    `decode(vae, z, group)`. With `vae.use_tiling` applying, the tiled decode comes whole.
+    """
+    world = 1 if group is None else dist.get_world_size(group)
+    if _tiling_applies(vae, z):
+        yield decode(vae, z, group)
+        return
+    if world == 1 or z.shape[-2] < world:
+        yield from _decode_frames(vae, z)
+        return
+    assert group is not None
+    bands = _split_rows(z.shape[-2], world)
+    rank = dist.get_rank(group)
+    with _banded(vae, _Bands(bands, rank, group)):
+        band_z = z[..., _start(bands, rank) : _start(bands, rank + 1), :]
+        for band in _decode_frames(vae, band_z):
+            yield _gather_rows(band, bands, group)
+
+
 @dataclass(frozen=True)
 class _Bands:
     """Latent rows per rank and this rank's place; rows at any scale are latent rows * scale."""
@@ -93,6 +117,13 @@ def _tiling_applies(vae: Any, z: torch.Tensor) -> bool:
 
 def _decode_band(vae: Any, z: torch.Tensor) -> torch.Tensor:
     """`AutoencoderKLWan._decode` on one band (its hooks already installed), untiled."""
+    return torch.cat(list(_decode_frames(vae, z)), 2)
+
+
+def _decode_frames(vae: Any, z: torch.Tensor) -> Iterator[torch.Tensor]:
+    """`AutoencoderKLWan._decode` (untiled) one latent frame at a time: the causal
+    convolutions read the previous frames from the feature cache, so the frames come out
+    in order and equal to the whole decode's. With band hooks installed, for one band."""
     # The accelerate offload hook that `vae.decode` triggers (moves the VAE to its device).
     hook = getattr(vae, "_hf_hook", None)
     if hook is not None and hasattr(hook, "pre_forward"):
@@ -100,25 +131,19 @@ def _decode_band(vae: Any, z: torch.Tensor) -> torch.Tensor:
     vae.clear_cache()
     try:
         x = vae.post_quant_conv(z)
-        frames = []
-        # One latent frame at a time, as `_decode` does: the causal convolutions read the
-        # previous frames from the feature cache, which here holds this rank's rows only.
         for i in range(x.shape[2]):
             vae._conv_idx = [0]
-            frames.append(
-                vae.decoder(
-                    x[:, :, i : i + 1],
-                    feat_cache=vae._feat_map,
-                    feat_idx=vae._conv_idx,
-                    first_chunk=i == 0,
-                )
+            out = vae.decoder(
+                x[:, :, i : i + 1],
+                feat_cache=vae._feat_map,
+                feat_idx=vae._conv_idx,
+                first_chunk=i == 0,
             )
-        out = torch.cat(frames, 2)
-        if vae.config.patch_size is not None:
-            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+            if vae.config.patch_size is not None:
+                from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
-            out = unpatchify(out, patch_size=vae.config.patch_size)
-        return torch.clamp(out, min=-1.0, max=1.0)
+                out = unpatchify(out, patch_size=vae.config.patch_size)
+            yield torch.clamp(out, min=-1.0, max=1.0)
     finally:
         vae.clear_cache()
 

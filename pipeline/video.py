@@ -10,14 +10,17 @@ the engine made those frames, so it is our fault, not the submitter's. So is any
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cache
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import av
 import numpy as np
@@ -26,7 +29,15 @@ from PIL import Image
 
 from .errors import InvalidRequest, VideoEncodingError
 
-__all__ = ["H264_ENCODERS", "VideoInfo", "encode_mp4", "probe_mp4", "write_poster"]
+__all__ = [
+    "H264_ENCODERS",
+    "BackgroundMp4",
+    "Mp4Stream",
+    "VideoInfo",
+    "encode_mp4",
+    "probe_mp4",
+    "write_poster",
+]
 
 H264_ENCODERS = ("libx264", "libopenh264")
 """Software H.264 encoders in order of preference; the first this PyAV build has is used."""
@@ -158,36 +169,154 @@ def _h264_encoder() -> str:
 
 
 def _encode_file(frames: NDArray[np.uint8], path: Path, fps: int, crf: int, encoder: str) -> None:
-    num_frames, height, width = frames.shape[:3]
-    if encoder == "libx264":
-        options = {"crf": str(crf), "preset": _X264_PRESET}
-        bit_rate = None
-    else:
-        options = {}
-        bit_rate = int(width * height * fps * _OPENH264_BITS_PER_PIXEL)
+    stream = Mp4Stream(path, fps, crf=crf, encoder=encoder)
     try:
-        with av.open(str(path), "w", format="mp4", options={"movflags": "+faststart"}) as out:
-            stream = out.add_stream(encoder, rate=Fraction(fps), options=options)
+        stream.add(frames)
+    except BaseException:
+        stream.abort()
+        raise
+    stream.close()
+
+
+class Mp4Stream:
+    """An MP4 written as its frames arrive: `add` encodes each chunk (T, H, W, 3) in order,
+    `close` finishes the file and says what it holds. The bytes are those of `encode_mp4`
+    on all the frames at once (same encoder, same options, frame by frame either way).
+
+    Blocking work: run it off the event loop; `BackgroundMp4` runs it beside the decoder.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], fps: int, *, crf: int = 18, encoder: str | None = None
+    ) -> None:
+        if isinstance(fps, bool) or not isinstance(fps, int) or not 1 <= fps <= _MAX_FPS:
+            raise InvalidRequest(
+                f"fps must be a whole number between 1 and {_MAX_FPS}; got {fps!r}"
+            )
+        if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
+            raise InvalidRequest(f"crf must be a whole number between 0 and 51; got {crf!r}")
+        self.path = Path(path)
+        self.fps, self.crf = fps, crf
+        self.encoder = encoder or _h264_encoder()
+        self._out: Any = None
+        self._stream: Any = None
+        self._count = 0
+        self._size: tuple[int, int] | None = None
+
+    def add(self, frames: NDArray[np.uint8]) -> None:
+        """Encode the next frames (T, H, W, 3), all the size of the first chunk."""
+        _check_frames(frames, ndim=4, even=True)
+        height, width = frames.shape[1:3]
+        if self._size is None:
+            self._open(width, height)
+        elif self._size != (width, height):
+            raise VideoEncodingError(
+                f"every chunk must be {self._size[0]}x{self._size[1]}; got {width}x{height}"
+            )
+        try:
+            for frame in frames:
+                rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), "rgb24")
+                yuv = rgb.reformat(format=PIX_FMT, dst_colorspace="ITU709", dst_color_range=1)
+                yuv.pts = self._count
+                self._out.mux(self._stream.encode(yuv))
+                self._count += 1
+        except (av.error.FFmpegError, OSError) as exc:
+            self.abort()
+            raise VideoEncodingError(f"H.264 encoding with {self.encoder} failed: {exc}") from exc
+
+    def close(self) -> VideoInfo:
+        """Flush the encoder, finish the file (faststart) and describe it."""
+        if self._out is None or self._size is None:
+            raise VideoEncodingError("there must be at least one frame to encode")
+        try:
+            self._out.mux(self._stream.encode(None))
+            self._out.close()
+        except (av.error.FFmpegError, OSError) as exc:
+            self.abort()
+            raise VideoEncodingError(f"H.264 encoding with {self.encoder} failed: {exc}") from exc
+        self._out = None
+        width, height = self._size
+        return VideoInfo(
+            width=width,
+            height=height,
+            num_frames=self._count,
+            fps=Fraction(self.fps),
+            codec="h264",
+            pix_fmt=PIX_FMT,
+            duration_s=self._count / self.fps,
+            size_bytes=self.path.stat().st_size,
+        )
+
+    def abort(self) -> None:
+        """Give up: close what is open and remove the partial file."""
+        out, self._out = self._out, None
+        if out is not None:
+            with contextlib.suppress(Exception):
+                out.close()
+        self.path.unlink(missing_ok=True)
+
+    def _open(self, width: int, height: int) -> None:
+        if self.encoder == "libx264":
+            options = {"crf": str(self.crf), "preset": _X264_PRESET}
+            bit_rate = None
+        else:
+            options = {}
+            bit_rate = int(width * height * self.fps * _OPENH264_BITS_PER_PIXEL)
+        try:
+            out = av.open(str(self.path), "w", format="mp4", options={"movflags": "+faststart"})
+            stream = out.add_stream(self.encoder, rate=Fraction(self.fps), options=options)
             assert isinstance(stream, av.VideoStream)
             ctx = stream.codec_context
             ctx.width, ctx.height, ctx.pix_fmt = width, height, PIX_FMT
             # A 1/fps time base with pts = index gives exactly T frames at exactly fps.
-            ctx.time_base = Fraction(1, fps)
+            ctx.time_base = Fraction(1, self.fps)
             if bit_rate is not None:
                 ctx.bit_rate = bit_rate
             # Convert with BT.709 ourselves and say so in the stream: untagged HD video
             # is guessed as BT.709 by players while swscale defaults to BT.601.
             ctx.colorspace = ctx.color_primaries = ctx.color_trc = 1  # BT.709
             ctx.color_range = 1  # limited ("MPEG") range
-            for index in range(num_frames):
-                rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[index]), "rgb24")
-                yuv = rgb.reformat(format=PIX_FMT, dst_colorspace="ITU709", dst_color_range=1)
-                yuv.pts = index
-                out.mux(stream.encode(yuv))
-            out.mux(stream.encode(None))
-    except (av.error.FFmpegError, OSError) as exc:
-        path.unlink(missing_ok=True)
-        raise VideoEncodingError(f"H.264 encoding with {encoder} failed: {exc}") from exc
+        except (av.error.FFmpegError, OSError) as exc:
+            self.path.unlink(missing_ok=True)
+            raise VideoEncodingError(f"H.264 encoding with {self.encoder} failed: {exc}") from exc
+        self._out, self._stream, self._size = out, stream, (width, height)
+
+
+class BackgroundMp4:
+    """An `Mp4Stream` fed from another thread: `submit` hands over a chunk and returns at
+    once, so the decoder makes the next frames while these are encoded. `finish` waits for
+    the last chunk and returns the file's `VideoInfo` (or raises the encoder's error)."""
+
+    def __init__(self, path: str | os.PathLike[str], fps: int, *, crf: int = 18) -> None:
+        self._mp4 = Mp4Stream(path, fps, crf=crf)
+        self._chunks: queue.Queue[NDArray[np.uint8] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="i2v-mp4", daemon=True)
+        self._thread.start()
+
+    def submit(self, frames: NDArray[np.uint8]) -> None:
+        self._chunks.put(frames)
+
+    def finish(self) -> VideoInfo:
+        self._chunks.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._mp4.close()
+
+    def abort(self) -> None:
+        """Stop encoding and remove the partial file (a stopped or failed job)."""
+        self._chunks.put(None)
+        self._thread.join()
+        self._mp4.abort()
+
+    def _run(self) -> None:
+        while (chunk := self._chunks.get()) is not None:
+            if self._error is None:
+                try:
+                    self._mp4.add(chunk)
+                except BaseException as exc:  # reported by finish()
+                    self._error = exc
 
 
 def _check_frames(frames: NDArray[np.uint8], *, ndim: int, even: bool) -> None:

@@ -112,6 +112,21 @@ def test_without_group_is_the_plain_decode() -> None:
         assert torch.equal(vae_parallel.decode(vae, z), vae.decode(z, return_dict=False)[0])
 
 
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_frames_come_one_latent_frame_at_a_time_and_equal_the_whole_decode(
+    shape: tuple[int, int, int],
+) -> None:
+    """The decoder's frames, yielded as made (1, then 4 per latent frame), are exactly the
+    whole decode's: what lets the MP4 be encoded while the rest is decoded."""
+    vae = tiny_vae().eval()
+    z = _latent(*shape)
+    with torch.no_grad():
+        chunks = list(vae_parallel.decode_chunks(vae, z))
+        whole = vae.decode(z, return_dict=False)[0]
+    assert [c.shape[2] for c in chunks] == [1] + [4] * (shape[0] - 1)
+    assert torch.equal(torch.cat(chunks, dim=2), whole)
+
+
 def test_a_naive_row_split_is_far_off() -> None:
     """Why the halos matter: decoding the bands independently is off by far more than 1e-5."""
     vae = tiny_vae().eval()

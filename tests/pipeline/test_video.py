@@ -150,3 +150,42 @@ def test_probe_refuses_what_is_not_a_video(tmp_path: Path) -> None:
         probe_mp4(io.BytesIO(b"not an mp4 at all" * 10))
     with pytest.raises(VideoEncodingError):
         probe_mp4(tmp_path / "missing.mp4")
+
+
+@pytest.mark.parametrize("chunks", [[1, 4, 4], [9]], ids=["as-decoded", "whole"])
+def test_a_video_encoded_as_frames_arrive_is_the_same_file(
+    tmp_path: Path, chunks: list[int]
+) -> None:
+    """Frames handed over in chunks (in a background thread, beside the decoder) give the
+    very bytes of encoding them all at once."""
+    from pipeline.video import BackgroundMp4, Mp4Stream
+
+    frames = _gradient(9, 48, 64)
+    whole = tmp_path / "whole.mp4"
+    encode_mp4(frames, whole, fps=16)
+    streamed, background = tmp_path / "streamed.mp4", tmp_path / "background.mp4"
+    stream, worker = Mp4Stream(streamed, 16), BackgroundMp4(background, 16)
+    start = 0
+    for size in chunks:
+        stream.add(frames[start : start + size])
+        worker.submit(frames[start : start + size])
+        start += size
+    info = stream.close()
+    assert worker.finish() == info
+    assert info.num_frames == 9
+    assert streamed.read_bytes() == whole.read_bytes() == background.read_bytes()
+
+
+def test_an_aborted_stream_leaves_no_file(tmp_path: Path) -> None:
+    from pipeline.video import BackgroundMp4
+
+    path = tmp_path / "stopped.mp4"
+    worker = BackgroundMp4(path, 16)
+    worker.submit(_gradient(5, 48, 64))
+    worker.abort()
+    assert not path.exists()
+    bad = BackgroundMp4(tmp_path / "bad.mp4", 16)
+    bad.submit(_gradient(1, 48, 64))
+    bad.submit(_gradient(1, 32, 64))  # another size: the encoder refuses it
+    with pytest.raises(VideoEncodingError, match="every chunk must be"):
+        bad.finish()
