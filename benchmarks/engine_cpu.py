@@ -13,6 +13,7 @@ import argparse
 import io
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,6 +39,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per configuration (min kept)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (fast preset: 20)")
     parser.add_argument("--out", type=Path, help="also write the report here")
+    parser.add_argument(
+        "--only-compile", action="store_true", help="run only the eager-vs-compiled section"
+    )
     args = parser.parse_args()
     lines: list[str] = []
 
@@ -46,15 +50,26 @@ def main() -> None:
         lines.append(text)
 
     with tempfile.TemporaryDirectory() as tmp:
-        engine = WanI2V.load(write_tiny_model(Path(tmp) / "tiny"), device="cpu")
-    threads = torch.get_num_threads()
-    say(f"# engine_cpu: tiny Wan2.1 I2V, torch {torch.__version__}, {threads} threads")
+        model = write_tiny_model(Path(tmp) / "tiny")
+        engine = WanI2V.load(model, device="cpu")
+        threads = torch.get_num_threads()
+        say(f"# engine_cpu: tiny Wan2.1 I2V, torch {torch.__version__}, {threads} threads")
+        if args.only_compile:
+            compiled_vs_eager(engine, model, args.steps, args.repeats, say)
+        else:
+            phases_and_caches(engine, args.steps, args.repeats, say)
+            compiled_vs_eager(engine, model, args.steps, args.repeats, say)
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
 
+
+def phases_and_caches(engine: WanI2V, steps: int, repeats: int, say: Callable[..., None]) -> None:
+    """Sections 1 and 2: every phase end to end, then denoising alone per cache kind."""
     # 1. End to end at the demo's size: every phase a worker runs, image bytes to MP4 bytes.
     data = EXAMPLE.read_bytes()
-    say(f"\n## end to end: 832x480, 5 frames, {args.steps} steps, cfg 2.5 (min of {args.repeats})")
+    say(f"\n## end to end: 832x480, 5 frames, {steps} steps, cfg 2.5 (min of {repeats})")
     best: dict[str, float] = {}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         image = prepare_image(data, 832, 480)
         phases = {"loading_inputs": time.perf_counter() - t0}
@@ -65,7 +80,7 @@ def main() -> None:
                 width=832,
                 height=480,
                 num_frames=5,
-                infer_steps=args.steps,
+                infer_steps=steps,
                 guidance_scale=2.5,
                 seed=0,
             )
@@ -82,7 +97,7 @@ def main() -> None:
 
     # 2. Denoising alone (decode skipped by stopping after the last step), per cache kind.
     size, frames = (1280, 720), 9
-    say(f"\n## denoising only: {size[0]}x{size[1]}, {frames} frames, {args.steps} steps, cfg 2.5")
+    say(f"\n## denoising only: {size[0]}x{size[1]}, {frames} frames, {steps} steps, cfg 2.5")
     image = prepare_image(data, *size)
     caches: list[tuple[str, object]] = [
         ("none", None),
@@ -96,7 +111,7 @@ def main() -> None:
     for name, spec in caches:
         times = []
         reused = 0  # first_block decides per step at run time; not counted here
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             done = {"step": 0}
             outcome = engine.generate(
                 GenerationRequest(
@@ -105,24 +120,64 @@ def main() -> None:
                     width=size[0],
                     height=size[1],
                     num_frames=frames,
-                    infer_steps=args.steps,
+                    infer_steps=steps,
                     guidance_scale=2.5,
                     seed=0,
                     cache=spec,
                 ),  # type: ignore[arg-type]
                 on_progress=lambda p, s, t, d=done: d.update(step=s) if p == "denoising" else None,
-                should_stop=lambda d=done: d["step"] >= args.steps,
+                should_stop=lambda d=done: d["step"] >= steps,
             )
             assert isinstance(outcome, Stopped)
             times.append(outcome.timings["denoising"])
         seconds = min(times)
         baseline = baseline or seconds
         if isinstance(spec, AttentionCacheSpec):
-            reused = sum(attention_reuse_schedule(spec, args.steps))
+            reused = sum(attention_reuse_schedule(spec, steps))
         say(f"{name:<34} {seconds:8.2f} {baseline / seconds:7.2f}x {reused:>7}")
 
-    if args.out:
-        args.out.write_text("\n".join(lines) + "\n")
+
+def compiled_vs_eager(
+    engine: WanI2V, model: Path, steps: int, repeats: int, say: Callable[..., None]
+) -> None:
+    """Section 3: seconds per denoising step, eager and with TORCH_COMPILE, in this one
+    process (the ratio is what to read; the absolute times are this machine's)."""
+    size = (832, 480, 9)
+    say(f"\n## TORCH_COMPILE: {size[0]}x{size[1]}, {size[2]} frames, {steps} steps, cfg 2.5")
+    t0 = time.perf_counter()
+    compiled = WanI2V.load(model, device="cpu", torch_compile=True, warmup_sizes=(size,))
+    load_s = time.perf_counter() - t0
+    assert compiled.compiled is not None
+    image = prepare_image(EXAMPLE.read_bytes(), size[0], size[1])
+    request = GenerationRequest(
+        image=image,
+        prompt="she smiles",
+        width=size[0],
+        height=size[1],
+        num_frames=size[2],
+        infer_steps=steps,
+        guidance_scale=2.5,
+        seed=0,
+    )
+    per_step: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for _ in range(repeats):  # interleaved, so a busy machine slows both alike
+        for name, which in (("eager", engine), ("compiled", compiled)):
+            done = {"step": 0}
+            outcome = which.generate(
+                request,
+                on_progress=lambda p, s, t, d=done: d.update(step=s) if p == "denoising" else None,
+                should_stop=lambda d=done: d["step"] >= steps,
+            )
+            assert isinstance(outcome, Stopped)
+            per_step[name].append(outcome.timings["denoising"] / steps)
+    eager, fast = min(per_step["eager"]), min(per_step["compiled"])
+    say(f"eager      {eager * 1e3:8.1f} ms/step")
+    say(f"compiled   {fast * 1e3:8.1f} ms/step")
+    say(f"ratio      {eager / fast:8.2f}x (eager / compiled)")
+    say(
+        f"compile    {compiled.compiled.warmup_s:8.1f} s warm-up ({compiled.compiled.graphs} "
+        f"graphs), {load_s:.1f} s load in all"
+    )
 
 
 if __name__ == "__main__":

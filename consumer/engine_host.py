@@ -72,6 +72,12 @@ class EngineReady:
     device: str
     load_s: float
     ranks: tuple[RankInfo, ...] = ()
+    attention_backend: str = ""
+    """The attention kernel every rank runs (ATTENTION_BACKEND, resolved)."""
+    attention_timings_ms: dict[str, float] = field(default_factory=dict)
+    """With ATTENTION_BACKEND=auto: ms per attention call of each kernel timed."""
+    compile_s: float | None = None
+    """With TORCH_COMPILE: seconds the warm-up (compiling) took; None when not compiled."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,11 @@ class EngineConfig:
     """The device indices of this engine's ranks (a lane's cards); () = 0..nproc-1."""
     collective_timeout_s: float = 600.0
     """How long a rank waits in a collective before the engine counts as broken."""
+    attention_backend: str = "native"
+    """ATTENTION_BACKEND: a diffusers backend name, or auto."""
+    torch_compile: bool = False
+    warmup_sizes: tuple[tuple[int, int, int], ...] = ((1280, 720, 81), (720, 1280, 81))
+    """(width, height, frames) the compiled engine warms at; auto times the largest."""
     fault: str = ""
     """Testing only: `kind:rank:step` makes a rank fail (see `_install_fault`)."""
 
@@ -203,7 +214,15 @@ def engine_main(conn: Connection, config: EngineConfig, rank: int = 0, init: str
             ranks = Ranks.start(config.layout, rank, dev, init, config.collective_timeout_s)
         else:
             ranks = None
-        engine = WanI2V.load(config.model_dir, device=device, ranks=ranks, layout=config.layout)
+        engine = WanI2V.load(
+            config.model_dir,
+            device=device,
+            ranks=ranks,
+            layout=config.layout,
+            attention_backend=config.attention_backend,
+            torch_compile=config.torch_compile,
+            warmup_sizes=config.warmup_sizes,
+        )
         _install_fault(engine, config.fault, rank)
     except Exception as exc:  # any load failure is reported, then the process exits
         log.exception("rank %d could not load the model", rank)
@@ -211,7 +230,17 @@ def engine_main(conn: Connection, config: EngineConfig, rank: int = 0, init: str
         return
     infos = engine.ranks.gather_objects(_rank_info(engine, rank))
     if rank == 0:
-        conn.send(EngineReady(str(engine.c.device), time.perf_counter() - t0, tuple(infos)))
+        attention, compiled = engine.attention, engine.compiled
+        conn.send(
+            EngineReady(
+                str(engine.c.device),
+                time.perf_counter() - t0,
+                tuple(infos),
+                attention_backend=attention.name if attention else "",
+                attention_timings_ms=dict(attention.timings_ms) if attention else {},
+                compile_s=compiled.warmup_s if compiled else None,
+            )
+        )
     keepalive_s = config.collective_timeout_s / 3
 
     commands: list[Any] = []
@@ -241,7 +270,8 @@ def engine_main(conn: Connection, config: EngineConfig, rank: int = 0, init: str
 
 def _run_job(engine: Any, conn: Connection | None, message: RunJob, commands: list[Any]) -> None:
     """One job on this rank; only rank 0 (with `conn`) reports and writes the video."""
-    from pipeline import Generated, PipelineError, encode_mp4, write_poster
+    from pipeline import Generated, PipelineError, write_poster
+    from pipeline.video import BackgroundMp4
 
     job_id = message.job_id
     stop = {"flag": False}
@@ -261,15 +291,25 @@ def _run_job(engine: Any, conn: Connection | None, message: RunJob, commands: li
         assert conn is not None
         conn.send(JobProgress(job_id, phase, step, total))
 
+    out = Path(message.out_dir)
+    video, poster = out / "video.mp4", out / "poster.jpg"
+    mp4: Any = None
     try:
+        # Rank 0 encodes the MP4 in a thread while the decoder makes the next frames.
+        mp4 = BackgroundMp4(video, message.fps) if conn is not None else None
         outcome = engine.generate(
-            message.request, on_progress if conn else None, should_stop if conn else None
+            message.request,
+            on_progress if conn else None,
+            should_stop if conn else None,
+            mp4.submit if mp4 is not None else None,
         )
     except PipelineError as exc:  # every rank agreed on it: the engine stays usable
+        _abort(mp4)
         if conn is not None:
             conn.send(JobFailed(job_id, exc.code, str(exc), exc.retryable))
         return
     except Exception as exc:
+        _abort(mp4)
         if engine.ranks.distributed:  # a collective broke: the group is unusable
             raise _out_of_step(exc) from exc
         log.exception("engine error in job %s", job_id)
@@ -279,14 +319,13 @@ def _run_job(engine: Any, conn: Connection | None, message: RunJob, commands: li
     if conn is None:
         return
     if not isinstance(outcome, Generated):
+        _abort(mp4)
         conn.send(JobStopped(job_id, outcome.step, outcome.total_steps, outcome.timings))
         return
     try:
         on_progress("encoding_video", 0, 1)
         t_video = time.perf_counter()
-        out = Path(message.out_dir)
-        video, poster = out / "video.mp4", out / "poster.jpg"
-        info = encode_mp4(outcome.frames, video, fps=message.fps)
+        info = mp4.finish()  # what is left to encode after the last frame was decoded
         write_poster(outcome.frames[0], poster)
         timings = {**outcome.timings, "encoding_video": time.perf_counter() - t_video}
         on_progress("encoding_video", 1, 1)
@@ -310,6 +349,13 @@ def _run_job(engine: Any, conn: Connection | None, message: RunJob, commands: li
             timings,
         )
     )
+
+
+def _abort(mp4: Any) -> None:
+    """Drop a video that will not be finished (a stopped or failed job)."""
+    if mp4 is not None:
+        with contextlib.suppress(Exception):
+            mp4.abort()
 
 
 def _out_of_step(exc: BaseException) -> Exception:
@@ -415,6 +461,8 @@ class EngineHost:
         self.restarts = 0
         self.device = ""
         self.ranks: tuple[RankInfo, ...] = ()
+        self.ready: EngineReady | None = None
+        """What the running engine reported when it was ready (backend, compile time)."""
         self._processes: list[Any] = []
         self._conns: list[Connection] = []
         self._broken = False
@@ -469,13 +517,16 @@ class EngineHost:
         if not isinstance(message, EngineReady):
             await self.kill()
             raise EngineDied("an engine rank exited while loading the model")
-        self.device, self.ranks = message.device, message.ranks
+        self.device, self.ranks, self.ready = message.device, message.ranks, message
         log.info(
-            "engine ready on %s in %.1f s (%d rank%s)",
+            "engine ready on %s in %.1f s (%d rank%s), attention %s%s%s",
             message.device,
             message.load_s,
             self.config.nproc,
             "" if self.config.nproc == 1 else "s",
+            message.attention_backend,
+            "".join(f", {k} {v:.2f} ms" for k, v in sorted(message.attention_timings_ms.items())),
+            "" if message.compile_s is None else f", compiled in {message.compile_s:.1f} s",
         )
 
     async def restart(self) -> None:

@@ -67,6 +67,7 @@ async def _metrics(request: web.Request) -> web.Response:
 async def _info(request: web.Request) -> web.Response:
     sup: Supervisor = request.app["supervisor"]
     s, stats = sup.settings, sup.stats
+    ready = sup.engine.ready
     current: dict[str, Any] | None = None
     if stats.current is not None:
         job = stats.current
@@ -86,6 +87,10 @@ async def _info(request: web.Request) -> web.Response:
             "device": sup.engine.device,
             "engine_alive": sup.engine.alive,
             "engine_restarts": sup.engine.restarts,
+            "attention_backend": ready.attention_backend if ready else None,
+            "attention_timings_ms": ready.attention_timings_ms if ready else {},
+            "torch_compile": s.torch_compile,
+            "compile_s": ready.compile_s if ready else None,
             "layout": sup.layout().model_dump(),
             "ranks": [dataclasses.asdict(r) for r in sup.engine.ranks],
             "model_dir": str(s.model_ckpt_dir),

@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.layout import ParallelLayout
@@ -35,6 +35,29 @@ class WorkerSettings(BaseSettings):
     nproc: int | None = Field(None, ge=1, description="Ranks per lane [default: cards / lanes].")
     lanes: int = Field(1, ge=1)
     use_attention_cache: bool = False
+    attention_backend: str = Field(
+        "native",
+        description=(
+            "The attention kernel: native (torch SDPA), auto (time the exact kernels this "
+            "node can run at start and take the fastest), or a diffusers backend name "
+            "(_native_flash, _native_cudnn, flash, _flash_3, xformers, _native_npu, ...; "
+            "8-bit sage kernels only by name). A name this node cannot run stops the worker."
+        ),
+    )
+    torch_compile: bool = Field(
+        False,
+        description=(
+            "Compile the transformer blocks at engine start and warm them at "
+            "COMPILE_WARMUP_SIZES (minutes on a cold TORCHINDUCTOR_CACHE_DIR)."
+        ),
+    )
+    compile_warmup_sizes: str = Field(
+        "1280*720,720*1280",
+        description=(
+            "Sizes WIDTH*HEIGHT[*FRAMES] (frames default 81) the engine warms when "
+            "TORCH_COMPILE is on; the largest is also what ATTENTION_BACKEND=auto times."
+        ),
+    )
     collective_timeout_s: float = Field(
         600.0,
         gt=0,
@@ -136,6 +159,24 @@ class WorkerSettings(BaseSettings):
     minio_region: str | None = None
     output_retention_days: int | None = Field(None, ge=1)
     presign_expiry_s: int = Field(7 * 24 * 3600, ge=1, le=7 * 24 * 3600)
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        from pipeline.attention import ATTENTION_BACKENDS
+
+        value = value.strip().lower()
+        if value not in ATTENTION_BACKENDS:
+            raise ValueError(f"ATTENTION_BACKEND must be one of {', '.join(ATTENTION_BACKENDS)}")
+        return value
+
+    @field_validator("compile_warmup_sizes")
+    @classmethod
+    def _sizes(cls, value: str) -> str:
+        from pipeline.compile import parse_sizes
+
+        parse_sizes(value)  # ValueError names the bad entry
+        return value
 
     @model_validator(mode="after")
     def _heartbeat_inside_lease(self) -> WorkerSettings:

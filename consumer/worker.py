@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 
+from pipeline.compile import parse_sizes
 from pipeline.layout import LayoutError, ParallelLayout, lane_devices
 
 from .engine_host import EngineConfig, EngineHost
@@ -99,6 +100,9 @@ def build(
             vae_parallel=layout.vae_parallel,
             cards=cards,
             collective_timeout_s=s.collective_timeout_s,
+            attention_backend=s.attention_backend,
+            torch_compile=s.torch_compile,
+            warmup_sizes=parse_sizes(s.compile_warmup_sizes),
         ),
         start_timeout_s=s.engine_start_timeout,
         stall_timeout_s=s.engine_stall_timeout,

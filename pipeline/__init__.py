@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from .devices import DeviceInfo, detect_kind, list_devices
     from .engine import WanI2V, make_scheduler
     from .errors import (
+        BackendUnavailable,
+        CompileFailed,
         ImageInvalid,
         InvalidRequest,
         ModelLoadError,
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "AttentionCacheSpec": "request",
+    "BackendUnavailable": "errors",
+    "CompileFailed": "errors",
     "DeviceInfo": "devices",
     "FirstBlockCacheSpec": "request",
     "Generated": "request",
@@ -73,6 +77,8 @@ _EXPORTS = {
 
 __all__ = [
     "AttentionCacheSpec",
+    "BackendUnavailable",
+    "CompileFailed",
     "DeviceInfo",
     "FirstBlockCacheSpec",
     "Generated",

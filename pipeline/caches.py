@@ -39,12 +39,24 @@ class _AttentionCacheState:
 
 
 class _CachedSelfAttention:
-    """Wraps one block's self-attention processor: compute and remember, or replay."""
+    """Wraps one block's self-attention processor: compute and remember, or replay.
+
+    The attention backend lives on the inner processor: `set_attention_backend` reaches it
+    through the `_attention_backend` property whether the wrapper is installed or not.
+    On compiled blocks the wrapper runs outside the graph (`compiled_attention_cache`)."""
 
     def __init__(self, inner: Any, state: _AttentionCacheState, block: int) -> None:
         self.inner = inner
         self.state = state
         self.block = block
+
+    @property
+    def _attention_backend(self) -> Any:
+        return getattr(self.inner, "_attention_backend", None)
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend: Any) -> None:
+        self.inner._attention_backend = backend
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         key = (self.state.branch, self.block)
@@ -54,6 +66,10 @@ class _CachedSelfAttention:
         out = self.inner(attn, hidden_states, *args, **kwargs)
         self.state.saved[key] = out
         return out
+
+    # Never traced (TORCH_COMPILE): the step, branch and block read above would be guarded
+    # on, one recompile per block; outside the graph they cost nothing.
+    __call__ = torch.compiler.disable(__call__)
 
 
 class CacheControl:

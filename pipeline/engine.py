@@ -8,6 +8,7 @@ plain parameters plus `on_progress` / `should_stop` and get a small dataclass ba
 from __future__ import annotations
 
 import html
+import logging
 import re
 import secrets
 import time
@@ -17,7 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .attention import BackendChoice, apply_backend
 from .caches import CacheControl, applied_cache
+from .compile import DEFAULT_WARMUP_SIZES, CompileReport, Size
 from .devices import is_out_of_memory
 from .errors import FailedOnRank, OutOfMemory, PipelineError
 from .layout import ParallelLayout
@@ -28,6 +31,7 @@ from .request import (
     DEFAULT_NEGATIVE_PROMPT,
     DENOISING,
     ENCODING_PROMPT,
+    FramesCallback,
     Generated,
     GenerationRequest,
     Outcome,
@@ -36,6 +40,8 @@ from .request import (
     StopCallback,
     Stopped,
 )
+
+log = logging.getLogger(__name__)
 
 NEGATIVE_CACHE_SIZE = 8
 """Negative prompts whose embeddings an engine keeps (a few hundred KiB each at 14B)."""
@@ -108,6 +114,10 @@ class WanI2V:
         self._latents_std = torch.tensor(vae_config.latents_std).view(1, -1, 1, 1, 1)
         enable_ulysses(components.transformer, self.ranks)
         self._negative_cache: dict[tuple[str, int], torch.Tensor] = {}
+        self.attention: BackendChoice | None = None
+        """The attention backend `load` chose (None: diffusers' process-wide default)."""
+        self.compiled: CompileReport | None = None
+        """What TORCH_COMPILE made at load (None: the blocks run eagerly)."""
 
     @classmethod
     def load(
@@ -119,8 +129,16 @@ class WanI2V:
         t5_cpu: bool = False,
         ranks: Ranks | None = None,
         layout: ParallelLayout | None = None,
+        attention_backend: str = "native",
+        torch_compile: bool = False,
+        warmup_sizes: tuple[Size, ...] = DEFAULT_WARMUP_SIZES,
     ) -> WanI2V:
-        """Load the model; with `ranks`, this rank's part of it as `layout` places it."""
+        """Load the model; with `ranks`, this rank's part of it as `layout` places it.
+
+        `attention_backend` (ATTENTION_BACKEND) is checked and set on every rank alike
+        (BackendUnavailable when it cannot run here); `auto` times the exact ones at the
+        largest of `warmup_sizes`. `torch_compile` compiles the blocks after loading (and
+        sharding) and warms them at each of `warmup_sizes` (width, height, frames)."""
         layout = layout or ParallelLayout(t5_cpu=t5_cpu)
         components = load_components(
             path,
@@ -130,20 +148,40 @@ class WanI2V:
             ranks=ranks,
             layout=layout,
         )
-        return cls(components, ranks, layout)
+        engine = cls(components, ranks, layout)
+        engine._speed_up(attention_backend, torch_compile, warmup_sizes)
+        return engine
+
+    def _speed_up(self, backend: str, torch_compile: bool, sizes: tuple[Size, ...]) -> None:
+        """Set the attention backend, then compile and warm the blocks (every rank alike)."""
+        from .compile import compile_blocks, tokens, warm_up
+
+        largest = max(sizes, key=lambda size: tokens(self, size), default=DEFAULT_WARMUP_SIZES[0])
+        self.attention = apply_backend(
+            self.c.transformer, backend, self.ranks, seq_len=tokens(self, largest)
+        )
+        log.info("attention backend: %s", self.attention.describe())
+        if torch_compile:
+            compile_blocks(self.c.transformer)
+            self.compiled = warm_up(self, sizes)
 
     def generate(
         self,
         request: GenerationRequest,
         on_progress: ProgressCallback | None = None,
         should_stop: StopCallback | None = None,
+        on_frames: FramesCallback | None = None,
     ) -> Outcome:
-        """Run one generation; a stop before the end skips decoding and returns `Stopped`."""
+        """Run one generation; a stop before the end skips decoding and returns `Stopped`.
+
+        `on_frames` (rank 0) receives the frames as the decoder makes them, uint8
+        (f, H, W, 3) in order, so they can be encoded while the rest is decoded; the
+        outcome still carries all of them."""
         request.check(self.spatial_multiple, self.temporal_factor)
         # Sharded weights are gathered into tensors that must outlive inference mode.
         mode = torch.no_grad() if self.ranks.distributed else torch.inference_mode()
         with mode:
-            return self._generate(request, on_progress, should_stop)
+            return self._generate(request, on_progress, should_stop, on_frames)
 
     def _agree(self, stop: StopCallback, error: BaseException | None, r: GenerationRequest) -> int:
         """Every rank's verdict on the step just done: CONTINUE, STOP, or raise the error
@@ -173,6 +211,7 @@ class WanI2V:
         r: GenerationRequest,
         on_progress: ProgressCallback | None,
         should_stop: StopCallback | None,
+        on_frames: FramesCallback | None = None,
     ) -> Outcome:
         c, ranks = self.c, self.ranks
         report = on_progress or (lambda phase, step, total: None)
@@ -277,7 +316,7 @@ class WanI2V:
         report(DECODING, 0, 1)
         frames: Any = None
         try:
-            frames = self._decode(latents)
+            frames = self._decode(latents, on_frames)
         except Exception as exc:
             error = exc
         self._agree(lambda: False, error, r)
@@ -296,7 +335,7 @@ class WanI2V:
         )
         image_embeds = self._encode_image(r.image)
         report(ENCODING_PROMPT, 1, 2)
-        return prompt_embeds, negative_embeds, image_embeds, self._condition_latents(r)
+        return prompt_embeds, negative_embeds, image_embeds, self._condition(r)
 
     # -- the steps, each small -------------------------------------------------------
 
@@ -338,6 +377,28 @@ class WanI2V:
         out = c.image_encoder(pixel_values=pixels.to(c.device), output_hidden_states=True)
         return out.hidden_states[-2].to(c.dtype)  # type: ignore[no-any-return]
 
+    def _condition(self, r: GenerationRequest) -> torch.Tensor:
+        """The condition latents, VAE-encoded on rank 0 alone and broadcast to the others:
+        the encode covers every frame of the video (the first given, the rest black), so
+        the other ranks save its time and memory."""
+        ranks = self.ranks
+        if not ranks.distributed:
+            return self._condition_latents(r)
+        if ranks.rank == 0:
+            condition = self._condition_latents(r).contiguous()
+        else:
+            c = self.c
+            frames = (r.num_frames - 1) // self.temporal_factor + 1
+            shape = (
+                1,
+                self.temporal_factor + c.vae.config.z_dim,
+                frames,
+                r.height // self.spatial_factor,
+                r.width // self.spatial_factor,
+            )
+            condition = torch.empty(shape, dtype=torch.float32, device=c.device)
+        return ranks.broadcast(condition)
+
     def _condition_latents(self, r: GenerationRequest) -> torch.Tensor:
         """VAE latents of [image, black, black, ...] with a 4-channel "frame is given" mask."""
         c = self.c
@@ -361,8 +422,11 @@ class WanI2V:
         mask = mask.view(1, -1, self.temporal_factor, h, w).transpose(1, 2)
         return torch.cat([mask, latent], dim=1)
 
-    def _decode(self, latents: torch.Tensor) -> np.ndarray | None:
-        """Frames on rank 0 (and every rank with VAE_PARALLEL); None on the others."""
+    def _decode(
+        self, latents: torch.Tensor, on_frames: FramesCallback | None = None
+    ) -> np.ndarray | None:
+        """Frames on rank 0 (and every rank with VAE_PARALLEL); None on the others. They
+        come from the decoder a latent frame at a time; rank 0 hands each to `on_frames`."""
         from . import vae_parallel
 
         c, ranks = self.c, self.ranks
@@ -372,9 +436,15 @@ class WanI2V:
         latents = latents.to(c.vae.dtype)
         mean, std = self._latents_mean.to(latents), self._latents_std.to(latents)
         group = torch.distributed.group.WORLD if split else None
-        video = vae_parallel.decode(c.vae, latents * std + mean, group)  # (1, 3, F, H, W)
-        video = (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0)  # (F, H, W, 3)
-        return (video * 255).round().to(torch.uint8).cpu().numpy()
+        chunks = []
+        for video in vae_parallel.decode_chunks(c.vae, latents * std + mean, group):
+            # (1, 3, f, H, W) in [-1, 1] -> (f, H, W, 3) uint8, element by element.
+            video = (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0)
+            part = (video * 255).round().to(torch.uint8).cpu().numpy()
+            if on_frames is not None and ranks.rank == 0:
+                on_frames(part)
+            chunks.append(part)
+        return np.concatenate(chunks)
 
 
 def _as_pipeline_error(exc: BaseException, r: GenerationRequest) -> BaseException:

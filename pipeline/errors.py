@@ -34,6 +34,21 @@ class ModelLoadError(PipelineError):
     code = "internal"
 
 
+class BackendUnavailable(PipelineError, ValueError):
+    """ATTENTION_BACKEND names a kernel this node cannot run (a package or the device is
+    missing); the message says what is missing and what the node has. Raised at engine
+    start: it is the node's configuration, not a job's, and a restart will not help."""
+
+    code = "internal"
+
+
+class CompileFailed(PipelineError):
+    """TORCH_COMPILE could not compile the transformer blocks as one graph each (a graph
+    break or a recompile per block); raised at engine start rather than running eagerly."""
+
+    code = "internal"
+
+
 class OutOfMemory(PipelineError):
     """The device ran out of memory; fewer frames or a smaller size may fit."""
 

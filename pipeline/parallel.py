@@ -187,14 +187,6 @@ class _Sequence:
             x = torch.cat([x, x.new_zeros(shape)], dim=dim)
         return x.chunk(self.shards, dim=dim)[self.index].contiguous()
 
-    def key_mask(self, device: torch.device) -> torch.Tensor | None:
-        """Attention mask hiding the padding keys (None when nothing is padded)."""
-        if not self.pad:
-            return None
-        mask = torch.ones(self.length + self.pad, dtype=torch.bool, device=device)
-        mask[self.length :] = False
-        return mask.view(1, 1, 1, -1)
-
 
 def _all_to_all(x: torch.Tensor, group: Any) -> torch.Tensor:
     """Chunk i of dim 0 goes to rank i; the result's chunk i came from rank i."""
@@ -232,7 +224,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 class UlyssesSelfAttention:
     """Self-attention over the whole sequence from a sequence shard: project locally,
-    all-to-all to head shards, attend, all-to-all back. Same math as WanAttnProcessor."""
+    all-to-all to head shards, attend, all-to-all back. Same math as WanAttnProcessor.
+
+    The padding that makes the sequence divide sits at its end, so the keys and values
+    are cut to the real length instead of masked: exact, and it lets mask-less kernels
+    (flash, cuDNN, sage, ...) run. The extra query rows are dropped by `gather_tokens`.
+    `ModelMixin.set_attention_backend` sets `_attention_backend` on every processor that
+    has the attribute; None means diffusers' process-wide active backend."""
+
+    _attention_backend: Any = None
+    _parallel_config: Any = None
 
     def __init__(self, sequence: _Sequence, group: Any) -> None:
         self.sequence = sequence
@@ -256,13 +257,17 @@ class UlyssesSelfAttention:
         if rotary_emb is not None:
             query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
         query, key, value = (_sequence_to_heads(t, p, self.group) for t in (query, key, value))
+        length = self.sequence.length
+        if self.sequence.pad:
+            key, value = key[:, :length], value[:, :length]
         out = dispatch_attention_fn(
             query,
             key,
             value,
-            attn_mask=self.sequence.key_mask(query.device),
+            attn_mask=None,
             dropout_p=0.0,
             is_causal=False,
+            backend=self._attention_backend,
         )
         out = _heads_to_sequence(out.type_as(query), p, self.group)
         out = out.flatten(2, 3).type_as(query)

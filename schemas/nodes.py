@@ -82,6 +82,16 @@ class NodeInfo(Message):
         str | None,
         Field(description="Base URL of the ops HTTP server.", examples=["http://10.0.0.17:8088"]),
     ] = None
+    attention_backend: Annotated[
+        str | None,
+        Field(
+            description=(
+                "The attention kernel the engine runs (ATTENTION_BACKEND, resolved when it "
+                "is auto); absent before the engine is ready and from older nodes."
+            ),
+            examples=["_flash_3", "native"],
+        ),
+    ] = None
 
 
 NODE_INFO_ADAPTER: TypeAdapter[NodeInfo] = TypeAdapter(NodeInfo)

@@ -245,3 +245,15 @@ def test_the_negative_prompt_is_encoded_once_across_jobs(
     other = _frames(engine.generate(replace(request, negative_prompt="washed out")))
     assert encoded == [request.prompt, request.prompt, "washed out"]
     assert not np.array_equal(first, other)
+
+
+def test_frames_reach_the_caller_in_order_as_they_are_decoded(
+    engine: WanI2V, small_image: Image.Image
+) -> None:
+    """`on_frames` gets the frames a latent frame at a time (so rank 0 can encode them
+    while the rest decodes); together they are the outcome's frames."""
+    chunks: list[np.ndarray] = []
+    request = _request(small_image, infer_steps=1, num_frames=9)
+    frames = _frames(engine.generate(request, on_frames=chunks.append))
+    assert [len(c) for c in chunks] == [1, 4, 4]
+    assert np.array_equal(np.concatenate(chunks), frames)

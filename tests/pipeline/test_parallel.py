@@ -141,13 +141,17 @@ def _generate_cached(rank: int, world: int, model: str, threshold: float) -> Any
     layout = ParallelLayout(nproc=world, ulysses_size=world, dit_fsdp=True)
     ranks = Ranks.within(layout, torch.device("cpu"), timeout_s=60)
     engine = WanI2V.load(model, device="cpu", ranks=ranks, layout=layout)
+    encodes = []
+    encode = engine.c.vae.encode
+    engine.c.vae.encode = lambda *a, **k: encodes.append(1) or encode(*a, **k)
     outcome = engine.generate(replace(_request("even"), cache=FirstBlockCacheSpec(threshold)))
-    return {"frames": outcome.frames if rank == 0 else None}
+    return {"frames": outcome.frames if rank == 0 else None, "vae_encodes": len(encodes)}
 
 
 def test_the_first_block_cache_runs_on_sharded_blocks(four_heads: Path, engine: Any) -> None:
     """FSDP2 renames the block class, which diffusers' cache hooks did not know: the
-    first-block cache on DIT_FSDP ranks skips the same steps as one rank, same frames."""
+    first-block cache on DIT_FSDP ranks skips the same steps as one rank, same frames.
+    (Also: only rank 0 runs the VAE encode of the condition frames.)"""
     from pipeline.request import FirstBlockCacheSpec
 
     threshold = 1.0  # the loosest: most steps reuse the cached residual
@@ -155,5 +159,7 @@ def test_the_first_block_cache_runs_on_sharded_blocks(four_heads: Path, engine: 
     plain = engine.generate(_request("even"))
     per_rank = run_ranks(_generate_cached, 2, str(four_heads), threshold, timeout_s=300)
     assert not np.array_equal(single.frames, plain.frames)  # the cache did skip work
+    # The condition frames go through the VAE on rank 0 alone; the others receive them.
+    assert [r["vae_encodes"] for r in per_rank] == [1, 0]
     diff = np.abs(per_rank[0]["frames"].astype(np.int16) - single.frames.astype(np.int16))
     assert diff.max() <= 1, diff.max()

@@ -109,7 +109,8 @@ def test_refusals_fit_an_error_message_whatever_the_input() -> None:
 
     hostile = _minimal(metadata={"\x1b[31m" * 500: "v"}) | {"\x00" + "n" * 9000: 1}
     message = _refusal(hostile)
-    assert "\x1b" not in message and "\x00" not in message
+    assert "\x1b" not in message
+    assert "\x00" not in message
     assert len(message) <= 2000
     ErrorInfo(code=ErrorCode.INVALID_REQUEST, message=message)
 
