@@ -153,6 +153,8 @@ class EngineConfig:
     torch_compile: bool = False
     warmup_sizes: tuple[tuple[int, int, int], ...] = ((1280, 720, 81), (720, 1280, 81))
     """(width, height, frames) the compiled engine warms at; auto times the largest."""
+    loras: str = ""
+    """MODEL_LORAS: `path[:scale],...` adapters fused into the transformer at load."""
     fault: str = ""
     """Testing only: `kind:rank:step` makes a rank fail (see `_install_fault`)."""
 
@@ -197,6 +199,7 @@ def engine_main(conn: Connection, config: EngineConfig, rank: int = 0, init: str
     import os
 
     from pipeline import WanI2V
+    from pipeline.lora import parse_loras
     from pipeline.parallel import Ranks, RanksOutOfStep
 
     _die_with_parent()
@@ -222,6 +225,7 @@ def engine_main(conn: Connection, config: EngineConfig, rank: int = 0, init: str
             attention_backend=config.attention_backend,
             torch_compile=config.torch_compile,
             warmup_sizes=config.warmup_sizes,
+            loras=parse_loras(config.loras),
         )
         _install_fault(engine, config.fault, rank)
     except Exception as exc:  # any load failure is reported, then the process exits

@@ -42,6 +42,13 @@ class Expired(JobError):
     code = ErrorCode.EXPIRED
 
 
+class PresetUnavailable(JobError):
+    """The node's weights do not serve the job's preset (turbo needs distilled weights,
+    which serve nothing else): the job belongs on another pool's topic."""
+
+    code = ErrorCode.PRESET_UNAVAILABLE
+
+
 # -- run-time outcomes -----------------------------------------------------------------
 
 

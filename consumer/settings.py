@@ -63,6 +63,20 @@ class WorkerSettings(BaseSettings):
         gt=0,
         description="A rank waiting this long in a collective counts the engine as broken (s).",
     )
+    model_loras: str = Field(
+        "",
+        description=(
+            "LoRA adapters fused into the transformer at engine start: PATH[:SCALE],... "
+            "(.safetensors files only; scale 1.0 by default)."
+        ),
+    )
+    distilled: bool = Field(
+        False,
+        description=(
+            "The loaded weights are step/CFG distilled (e.g. MODEL_LORAS naming LightX2V's "
+            "distill LoRA): the node serves the turbo preset only, and refuses the others."
+        ),
+    )
 
     # -- jobs ------------------------------------------------------------------------------
     task_timeout: int = Field(1800, ge=1, description="Default run-time limit per job (s).")
@@ -168,6 +182,14 @@ class WorkerSettings(BaseSettings):
         value = value.strip().lower()
         if value not in ATTENTION_BACKENDS:
             raise ValueError(f"ATTENTION_BACKEND must be one of {', '.join(ATTENTION_BACKENDS)}")
+        return value
+
+    @field_validator("model_loras")
+    @classmethod
+    def _safetensors_loras(cls, value: str) -> str:
+        from pipeline.lora import parse_loras
+
+        parse_loras(value)  # ValueError names the entry that is not a .safetensors path
         return value
 
     @field_validator("compile_warmup_sizes")

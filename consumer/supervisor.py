@@ -42,6 +42,7 @@ from schemas import (
     RequeueReason,
     describe_validation_error,
     safe_text,
+    served_presets,
     utcnow,
 )
 from schemas.requests import check_metadata
@@ -56,6 +57,7 @@ from .errors import (
     InternalError,
     InvalidJob,
     JobError,
+    PresetUnavailable,
     StorageFailed,
     TimedOut,
     WorkerLost,
@@ -63,7 +65,7 @@ from .errors import (
 from .events import Emitter
 from .failpoints import Failpoints
 from .fetch import FetchPolicy
-from .generation import generation_request
+from .generation import check_preset, generation_request
 from .inputs import image_bytes
 from .metrics import Metrics
 from .ops import start as start_ops
@@ -535,6 +537,11 @@ class Supervisor:
             )
             await self._fail(job, error)
             return None
+        try:
+            check_preset(job, distilled=self.settings.distilled)
+        except PresetUnavailable as exc:
+            await self._fail(job, exc)
+            return None
         previous = await self._finished_before(job)
         if previous is not None:
             # An earlier attempt finished: report it again instead of computing it again.
@@ -747,6 +754,8 @@ class Supervisor:
             jobs_failed=sum(v for k, v in outcomes.items() if k.startswith("failed")),
             uptime_s=time.monotonic() - self.stats.started_at,
             ops_url=self.ops_url,
+            presets=[p.value for p in served_presets(self.settings.distilled)],
+            attention_backend=self.engine.ready.attention_backend if self.engine.ready else None,
         )
 
     async def _load_image(self, job: JobRequest) -> Any:

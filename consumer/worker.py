@@ -103,6 +103,7 @@ def build(
             attention_backend=s.attention_backend,
             torch_compile=s.torch_compile,
             warmup_sizes=parse_sizes(s.compile_warmup_sizes),
+            loras=s.model_loras,
         ),
         start_timeout_s=s.engine_start_timeout,
         stall_timeout_s=s.engine_stall_timeout,

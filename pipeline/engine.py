@@ -25,6 +25,7 @@ from .devices import is_out_of_memory
 from .errors import FailedOnRank, OutOfMemory, PipelineError
 from .layout import ParallelLayout
 from .loading import WanComponents, load_components
+from .lora import LoraSpec
 from .parallel import CONTINUE, ERROR, STOP, Ranks, RanksOutOfStep, enable_ulysses
 from .request import (
     DECODING,
@@ -48,9 +49,30 @@ NEGATIVE_CACHE_SIZE = 8
 
 
 def make_scheduler(config: dict[str, Any], solver: Solver, shift: float) -> Any:
-    """A fresh flow-matching scheduler per generation (schedulers keep per-run state)."""
-    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+    """A fresh flow-matching scheduler per generation (schedulers keep per-run state).
 
+    `euler` is for step-distilled weights: deterministic flow-matching Euler whose n steps
+    sit at timesteps 1000 * (1 - i / n) before the shift, the schedule such weights are
+    trained on (n = 4: 1000, 750, 500, 250, as LightX2V runs its Wan2.1 distill LoRAs)."""
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
+
+    if solver == "euler":
+
+        class DistilledEuler(FlowMatchEulerDiscreteScheduler):
+            def set_timesteps(
+                self, num_inference_steps: int | None = None, *args: Any, **kwargs: Any
+            ) -> None:
+                if num_inference_steps and "sigmas" not in kwargs and "timesteps" not in kwargs:
+                    n = num_inference_steps
+                    kwargs["sigmas"] = [1.0 - i / n for i in range(n)]
+                super().set_timesteps(num_inference_steps, *args, **kwargs)  # type: ignore[misc]
+
+        steps = int(config.get("num_train_timesteps", 1000))
+        return DistilledEuler(num_train_timesteps=steps, shift=shift)
     flow = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": shift}
     if solver == "unipc":
         return UniPCMultistepScheduler.from_config(config, **flow)
@@ -132,13 +154,15 @@ class WanI2V:
         attention_backend: str = "native",
         torch_compile: bool = False,
         warmup_sizes: tuple[Size, ...] = DEFAULT_WARMUP_SIZES,
+        loras: tuple[LoraSpec, ...] = (),
     ) -> WanI2V:
         """Load the model; with `ranks`, this rank's part of it as `layout` places it.
 
         `attention_backend` (ATTENTION_BACKEND) is checked and set on every rank alike
         (BackendUnavailable when it cannot run here); `auto` times the exact ones at the
         largest of `warmup_sizes`. `torch_compile` compiles the blocks after loading (and
-        sharding) and warms them at each of `warmup_sizes` (width, height, frames)."""
+        sharding) and warms them at each of `warmup_sizes` (width, height, frames).
+        `loras` (MODEL_LORAS) are fused into the transformer as it loads."""
         layout = layout or ParallelLayout(t5_cpu=t5_cpu)
         components = load_components(
             path,
@@ -147,6 +171,7 @@ class WanI2V:
             t5_cpu=layout.t5_cpu,
             ranks=ranks,
             layout=layout,
+            loras=loras,
         )
         engine = cls(components, ranks, layout)
         engine._speed_up(attention_backend, torch_compile, warmup_sizes)

@@ -1,13 +1,15 @@
 """Load Wan2.1 I2V from MODEL_CKPT_DIR in the diffusers layout, safetensors only.
 
-Owns checking the directory (every part present, no pickled weights) and placing each
-component on its device and dtype. Must never unpickle: pickled weights are refused
+Owns checking the directory (every part present, no pickled weights), placing each
+component on its device and dtype, and calling in MODEL_LORAS (pipeline.lora) to be fused
+into the transformer as it loads. Must never unpickle: pickled weights are refused
 before any loader sees the directory.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import torch
 
 from .devices import DeviceKind, default_dtype, detect_kind
 from .errors import ModelLoadError
+from .lora import LoraSpec, LoraWeights, fuse, read_loras
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +90,21 @@ def load_components(
     t5_cpu: bool = False,
     ranks: Any = None,
     layout: Any = None,
+    loras: Sequence[LoraSpec] = (),
 ) -> WanComponents:
     """Load every component once. The VAE and CLIP stay in fp32, as the reference does.
 
     On several ranks (`ranks`, `layout`: pipeline.parallel.Ranks and layout.ParallelLayout)
     DIT_FSDP / T5_FSDP shard the transformer / text encoder across the ranks as they load,
-    and T5_CPU loads the text encoder on rank 0 only (the others get None)."""
+    and T5_CPU loads the text encoder on rank 0 only (the others get None). `loras`
+    (MODEL_LORAS) are fused into the transformer's weights as it loads (pipeline.lora)."""
     import json
 
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
     root = check_checkpoint(path)
+    adapters = read_loras(loras)  # before the big reads: a bad adapter fails fast
     kind: DeviceKind = detect_kind(device.split(":")[0] if device else None)
     dtype = dtype or default_dtype(kind)
     if device and ":" in device:  # a rank's own card, e.g. cuda:3
@@ -123,10 +129,12 @@ def load_components(
         image_encoder = _weights(CLIPVisionModel, root / "image_encoder", torch.float32, target)
         vae = _weights(AutoencoderKLWan, root / "vae", torch.float32, target)
         transformer = (
-            _sharded(WanTransformer3DModel, root / "transformer", dtype, target, "dit")
+            _sharded(WanTransformer3DModel, root / "transformer", dtype, target, "dit", adapters)
             if shard_dit
             else _weights(WanTransformer3DModel, root / "transformer", dtype, target)
         )
+        if adapters and not shard_dit:
+            fuse(transformer, adapters)
         scheduler_config = json.loads(  # noqa: TID251 - a config file, not a message
             (root / "scheduler" / "scheduler_config.json").read_text()
         )
@@ -156,9 +164,18 @@ def _weights(cls: Any, folder: Path, dtype: torch.dtype, device: torch.device) -
     return cls.from_pretrained(folder, dtype=dtype, use_safetensors=True).to(device)
 
 
-def _sharded(cls: Any, folder: Path, dtype: torch.dtype, device: torch.device, part: str) -> Any:
+def _sharded(
+    cls: Any,
+    folder: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    part: str,
+    adapters: LoraWeights | None = None,
+) -> Any:
     """One component sharded across the ranks with FSDP2 as it loads (no full copy)."""
     from . import sharding
 
     units = sharding.transformer_units if part == "dit" else sharding.text_encoder_units
-    return sharding.load_sharded(cls, folder, dtype=dtype, device=device, units=units)
+    return sharding.load_sharded(
+        cls, folder, dtype=dtype, device=device, units=units, loras=adapters
+    )

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from numpy.typing import NDArray
     from PIL import Image
 
-Solver = Literal["unipc", "dpm++"]
-SOLVERS: tuple[Solver, ...] = ("unipc", "dpm++")
+Solver = Literal["unipc", "dpm++", "euler"]
+SOLVERS: tuple[Solver, ...] = ("unipc", "dpm++", "euler")
 
 # The phases the engine reports through `on_progress`, in order.
 ENCODING_PROMPT = "encoding_prompt"

@@ -33,6 +33,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from .errors import ModelLoadError
 from .loading import PICKLE_SUFFIXES
+from .lora import LoraWeights
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def load_sharded(
     dtype: torch.dtype,
     device: torch.device,
     units: Callable[[Any], Iterable[nn.Module]],
+    loras: LoraWeights | None = None,
 ) -> Any:
     """`cls` from `folder`, every unit and the root sharded over all ranks, in eval mode.
 
@@ -61,13 +63,16 @@ def load_sharded(
     must be readable by each. Parameters end in `dtype` except those the unsharded
     `from_pretrained` keeps in fp32 (Wan's time embedder, norms and modulation tables;
     UMT5's `wo` in fp16); buffers keep the dtype their module's constructor gave them
-    (Wan's rope tables: float32, as unsharded).
+    (Wan's rope tables: float32, as unsharded). `loras` (pipeline.lora) are added into
+    each rank's own rows as they are read (the adapter's rows for them, never a full delta).
     """
     folder = Path(folder)
     files = _weight_files(folder)  # refuses pickled weights before anything else
     if not dist.is_initialized():
         raise RuntimeError("load_sharded needs torch.distributed.init_process_group first")
     model, buffers = _empty_model(cls, folder)
+    if loras:
+        loras.check(model)  # before any shard is read: a module it lacks stops the load
     _cast_params(model, dtype)
     # Frozen before sharding: FSDP2 insists on one dtype per unit only for trainable
     # parameters, and Wan's blocks mix bf16 weights with fp32 norms.
@@ -80,7 +85,7 @@ def load_sharded(
     fully_shard(model, mesh=mesh, reshard_after_forward=True)
     model.to_empty(device=device)
     _restore_buffers(model, buffers, device)
-    _fill_from_files(model, folder, files)
+    _fill_from_files(model, folder, files, loras or None)
     _allocate_gathered(model)
     log.info(
         "%s from %s sharded over %d ranks: %.0f MiB of parameters on this one",
@@ -192,7 +197,9 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _fill_from_files(model: nn.Module, folder: Path, files: list[Path]) -> None:
+def _fill_from_files(
+    model: nn.Module, folder: Path, files: list[Path], loras: LoraWeights | None = None
+) -> None:
     """Copy into every parameter and persistent buffer its rows, one file at a time."""
     from safetensors import safe_open
 
@@ -204,7 +211,7 @@ def _fill_from_files(model: nn.Module, folder: Path, files: list[Path]) -> None:
                 target = targets.get(name)
                 if target is None or id(target) in filled:
                     continue  # not ours (a key the library also ignores), or a tie's twin
-                _fill(target, f, name)
+                _fill(target, f, name, loras)
                 filled.add(id(target))
     missing = sorted(n for n, t in targets.items() if id(t) not in filled)
     if missing:
@@ -224,7 +231,7 @@ def _targets(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _fill(target: torch.Tensor, f: Any, name: str) -> None:
+def _fill(target: torch.Tensor, f: Any, name: str, loras: LoraWeights | None = None) -> None:
     """Read only this rank's part of tensor `name` and copy it into `target`'s shard."""
     piece = f.get_slice(name)
     if list(piece.get_shape()) != list(target.shape):
@@ -240,6 +247,8 @@ def _fill(target: torch.Tensor, f: Any, name: str) -> None:
         shape, offset = tuple(target.shape), (0,) * target.dim()
     index = tuple(slice(o, o + s) for s, o in zip(shape, offset, strict=True))
     rows = piece[index] if index else f.get_tensor(name)
+    if loras is not None:
+        rows = loras.fused_rows(name, rows, index, _local(target).device)
     _local(target).copy_(rows)
 
 

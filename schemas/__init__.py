@@ -33,11 +33,13 @@ from .presets import (
     DEFAULT_FPS,
     DEFAULT_NUM_FRAMES,
     DEFAULT_SAMPLE_SHIFT,
+    DISTILLED_PRESETS,
     PRESETS,
     ImageSize,
     PresetParams,
     QualityPreset,
     SampleSolver,
+    served_presets,
 )
 from .requests import (
     MAX_BASE64_IMAGE_BYTES,
@@ -72,6 +74,7 @@ __all__ = [
     "DEFAULT_FPS",
     "DEFAULT_NUM_FRAMES",
     "DEFAULT_SAMPLE_SHIFT",
+    "DISTILLED_PRESETS",
     "DLQ_HEADERS",
     "JOB_EVENT_ADAPTER",
     "JOB_REQUEST_ADAPTER",
@@ -127,6 +130,7 @@ __all__ = [
     "UrlImage",
     "describe_validation_error",
     "safe_text",
+    "served_presets",
     "topic_specs",
     "utcnow",
 ]

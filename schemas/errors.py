@@ -25,6 +25,7 @@ class ErrorCode(StrEnum):
     WORKER_LOST = "worker_lost"
     STORAGE_FAILED = "storage_failed"
     INTERNAL = "internal"
+    PRESET_UNAVAILABLE = "preset_unavailable"
 
     @property
     def description(self) -> str:
@@ -47,10 +48,20 @@ _DESCRIPTIONS: dict[ErrorCode, str] = {
     ErrorCode.WORKER_LOST: "The nodes running the job were lost more than MAX_ATTEMPTS times.",
     ErrorCode.STORAGE_FAILED: "The video could not be stored in the object store.",
     ErrorCode.INTERNAL: "An unexpected error in the node; operators should read its logs.",
+    ErrorCode.PRESET_UNAVAILABLE: (
+        "The node that took the job does not serve its quality_preset (turbo runs only on "
+        "nodes with distilled weights, which serve nothing else); send it to the topic of "
+        "a pool that serves it."
+    ),
 }
 
 _CLIENT_ERRORS = frozenset(
-    {ErrorCode.INVALID_REQUEST, ErrorCode.IMAGE_FETCH_FAILED, ErrorCode.IMAGE_INVALID}
+    {
+        ErrorCode.INVALID_REQUEST,
+        ErrorCode.IMAGE_FETCH_FAILED,
+        ErrorCode.IMAGE_INVALID,
+        ErrorCode.PRESET_UNAVAILABLE,
+    }
 )
 
 

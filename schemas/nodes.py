@@ -82,6 +82,16 @@ class NodeInfo(Message):
         str | None,
         Field(description="Base URL of the ops HTTP server.", examples=["http://10.0.0.17:8088"]),
     ] = None
+    presets: Annotated[
+        list[str],
+        Field(
+            description=(
+                "The quality presets this node serves: turbo alone on a node with distilled "
+                "weights (DISTILLED), the others elsewhere; empty from older nodes."
+            ),
+            examples=[["fast", "balanced", "high", "custom"], ["turbo"]],
+        ),
+    ] = Field(default_factory=list)
     attention_backend: Annotated[
         str | None,
         Field(

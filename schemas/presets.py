@@ -9,19 +9,24 @@ from ._base import Message, StrEnum
 
 
 class QualityPreset(StrEnum):
-    """Named sampling settings. `custom` takes steps and guidance from the job itself."""
+    """Named sampling settings. `custom` takes steps and guidance from the job itself.
+    `turbo` is for step- and guidance-distilled weights: only nodes that load such weights
+    (DISTILLED) serve it, and they serve nothing else."""
 
     FAST = "fast"
     BALANCED = "balanced"
     HIGH = "high"
     CUSTOM = "custom"
+    TURBO = "turbo"
 
 
 class SampleSolver(StrEnum):
-    """Flow-matching solver. `dpmpp` is accepted as a spelling of `dpm++`."""
+    """Flow-matching solver. `dpmpp` is accepted as a spelling of `dpm++`. `euler` is plain
+    flow-matching Euler over the timesteps step-distilled weights are trained on."""
 
     UNIPC = "unipc"
     DPMPP = "dpm++"
+    EULER = "euler"
 
     @classmethod
     def _missing_(cls, value: object) -> SampleSolver | None:
@@ -72,8 +77,23 @@ PRESETS: dict[QualityPreset, PresetParams] = {
     QualityPreset.HIGH: PresetParams(
         infer_steps=50, guidance_scale=4.0, sample_solver=SampleSolver.DPMPP
     ),
+    # LightX2V's Wan2.1 I2V step/CFG distill LoRAs: 4 steps at timesteps 1000, 750, 500,
+    # 250 (before the shift of 5), no classifier-free guidance.
+    QualityPreset.TURBO: PresetParams(
+        infer_steps=4, guidance_scale=1.0, sample_solver=SampleSolver.EULER
+    ),
 }
 """Settings per named preset; `custom` has none (the job must give them)."""
+
+DISTILLED_PRESETS: frozenset[QualityPreset] = frozenset({QualityPreset.TURBO})
+"""Presets only a node with step/CFG-distilled weights (DISTILLED) serves; such a node
+serves only these, since the undistilled presets' many steps and guidance suit it badly."""
+
+
+def served_presets(distilled: bool) -> list[QualityPreset]:
+    """The presets a node serves: the distilled ones on a DISTILLED node, else the rest."""
+    return [p for p in QualityPreset if (p in DISTILLED_PRESETS) == distilled]
+
 
 DEFAULT_SAMPLE_SHIFT = 5.0
 """Flow-matching shift used for 720p by the reference implementation."""

@@ -315,8 +315,9 @@ class JobRequest(Message):
         Field(
             description=(
                 "fast (20 steps, cfg 2.5, unipc), balanced (30, 3.0, unipc), high (50, 4.0, "
-                "dpm++), or custom (the job gives infer_steps and guidance_scale). Explicit "
-                "advanced fields override the preset."
+                "dpm++), custom (the job gives infer_steps and guidance_scale), or turbo (4, "
+                "1.0, euler; only on nodes with step/CFG-distilled weights, which serve "
+                "nothing else). Explicit advanced fields override the preset."
             ),
             examples=["balanced"],
         ),
@@ -365,7 +366,12 @@ class JobRequest(Message):
     ] = None
     sample_solver: Annotated[
         SampleSolver | None,
-        Field(description="unipc or dpm++ (alias dpmpp); default from the preset."),
+        Field(
+            description=(
+                "unipc, dpm++ (alias dpmpp) or euler (for distilled weights); default from "
+                "the preset."
+            )
+        ),
     ] = None
     sample_shift: Annotated[
         float | None,

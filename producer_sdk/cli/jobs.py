@@ -178,13 +178,16 @@ def nodes(as_json: Json = False) -> None:
             for node in found:
                 out.print(node.model_dump_json(), markup=False)
             return EXIT_OK
-        table = Table("node", "state", "device", "layout", "jobs ok/failed", "current", "seen")
+        table = Table(
+            "node", "state", "device", "layout", "presets", "jobs ok/failed", "current", "seen"
+        )
         for n in found:
             table.add_row(
                 n.node_id,
                 n.state.value,
                 n.device.value,
                 f"{n.layout.nproc} rank(s)",
+                ", ".join(n.presets) or "-",
                 f"{n.jobs_succeeded}/{n.jobs_failed}",
                 ", ".join(str(j) for j in n.current_jobs) or "-",
                 n.time.strftime("%H:%M:%S"),

@@ -307,3 +307,48 @@ async def test_a_dlq_that_refuses_too_keeps_the_record() -> None:
     await supervisor._serve(consumer, record, waiting=False)
     assert consumer.commits == [4]
     assert len(producer.on(TOPICS.dlq)) == 1
+
+
+def _job_record(preset: str) -> bytes:
+    return json.dumps(
+        {
+            "job_id": JOB_ID,
+            "prompt": "a cat",
+            "image": {"url": "https://a.io/x.png"},
+            "quality_preset": preset,
+            **({"infer_steps": 8, "guidance_scale": 1.0} if preset == "custom" else {}),
+        }
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("distilled", "preset", "expected"),
+    [
+        (False, "turbo", "failed"),
+        (False, "balanced", "started"),
+        (True, "turbo", "started"),
+        (True, "high", "failed"),
+        (True, "custom", "failed"),
+    ],
+)
+async def test_a_preset_the_node_does_not_serve_fails_preset_unavailable(
+    distilled: bool, preset: str, expected: str
+) -> None:
+    """Turbo runs only on DISTILLED nodes, which run nothing else; the other kind of node
+    fails the job at claim with `preset_unavailable` (final: the same node would refuse it
+    again), naming the preset and what serves it, and never starts it."""
+    supervisor, producer = _node()
+    supervisor.settings = supervisor.settings.model_copy(update={"distilled": distilled})
+    value = _job_record(preset)
+    record = _Record(value)
+    ref = RecordRef(topic=record.topic, partition=record.partition, offset=record.offset)
+    job = await supervisor._admit(record, ref)
+    assert _outcome(job, producer, value) == expected
+    if expected == "failed":
+        ((raw, _, _),) = producer.on(TOPICS.status)
+        event = JOB_EVENT_ADAPTER.validate_json(raw)
+        assert isinstance(event, FailedEvent)
+        assert event.error.code is ErrorCode.PRESET_UNAVAILABLE
+        assert not event.error.retryable
+        assert repr(preset) in event.error.message
+        assert "DISTILLED" in event.error.message

@@ -105,3 +105,12 @@ def test_generate_refuses_an_invalid_job_naming_the_field(tiny_model_dir: Path) 
     )
     assert result.exit_code == 2
     assert "num_frames: must be 4n+1" in result.stderr
+
+
+def test_turbo_reaches_the_engine_as_four_euler_steps_without_guidance() -> None:
+    """A turbo job runs 4 euler steps at guidance 1.0 (the engine then skips the
+    unconditional pass), shift 5."""
+    request = generation_request(_job(quality_preset="turbo"), Image.new("RGB", (1280, 720)))
+    assert (request.solver, request.infer_steps, request.guidance_scale) == ("euler", 4, 1.0)
+    assert request.shift == 5.0
+    assert not request.do_guidance

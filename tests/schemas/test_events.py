@@ -134,6 +134,7 @@ def test_error_info_carries_a_stable_code() -> None:
         "worker_lost",
         "storage_failed",
         "internal",
+        "preset_unavailable",
     }
     assert ErrorCode.IMAGE_INVALID.is_client_error
     assert not ErrorCode.WORKER_LOST.is_client_error
