@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -153,16 +154,22 @@ def test_probe_refuses_what_is_not_a_video(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("chunks", [[1, 4, 4], [9]], ids=["as-decoded", "whole"])
-def test_a_video_encoded_as_frames_arrive_is_the_same_file(
+def test_a_video_encoded_as_frames_arrive_is_the_same_video(
     tmp_path: Path, chunks: list[int]
 ) -> None:
-    """Frames handed over in chunks (in a background thread, beside the decoder) give the
-    very bytes of encoding them all at once."""
+    """Frames handed over in chunks (in a background thread, beside the decoder) make the
+    video that encoding them all at once makes: same frames, rate, size and colour tags,
+    and pictures as close to the source.
+
+    Not the same bytes: this libx264 build is not byte-reproducible from run to run even
+    for one whole encode (measured: 2-3 distinct files in 30 identical encodes, threads=1
+    or not), so the test compares what a viewer gets.
+    """
     from pipeline.video import BackgroundMp4, Mp4Stream
 
     frames = _gradient(9, 48, 64)
     whole = tmp_path / "whole.mp4"
-    encode_mp4(frames, whole, fps=16)
+    expected = encode_mp4(frames, whole, fps=16)
     streamed, background = tmp_path / "streamed.mp4", tmp_path / "background.mp4"
     stream, worker = Mp4Stream(streamed, 16), BackgroundMp4(background, 16)
     start = 0
@@ -170,10 +177,15 @@ def test_a_video_encoded_as_frames_arrive_is_the_same_file(
         stream.add(frames[start : start + size])
         worker.submit(frames[start : start + size])
         start += size
-    info = stream.close()
-    assert worker.finish() == info
-    assert info.num_frames == 9
-    assert streamed.read_bytes() == whole.read_bytes() == background.read_bytes()
+    infos = [stream.close(), worker.finish()]
+    baseline = _psnr(_decode_rgb(whole.read_bytes()), frames)
+    for info, path in zip(infos, (streamed, background), strict=True):
+        assert replace(info, size_bytes=None) == replace(expected, size_bytes=None)
+        probed, reference = probe_mp4(path), probe_mp4(whole)
+        assert replace(probed, size_bytes=None) == replace(reference, size_bytes=None)
+        decoded = _decode_rgb(path.read_bytes())
+        assert decoded.shape == frames.shape
+        assert _psnr(decoded, frames) > min(30.0, baseline - 1.0)
 
 
 def test_an_aborted_stream_leaves_no_file(tmp_path: Path) -> None:
