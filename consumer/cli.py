@@ -167,8 +167,15 @@ def worker() -> None:
 
     from pipeline.layout import LayoutError
 
+    from .engine_host import EngineMisconfigured
+
     try:
         asyncio.run(serve(settings))
     except LayoutError as exc:
         err.print(f"[red]invalid layout:[/] {exc}")
+        raise typer.Exit(2) from None
+    except EngineMisconfigured as exc:
+        from rich.markup import escape
+
+        err.print(f"[red]the engine cannot start with these settings:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None

@@ -83,6 +83,14 @@ class EngineReady:
 @dataclass(frozen=True)
 class EngineFailed:
     message: str
+    configuration: bool = False
+    """The node's own settings are at fault (a backend it cannot run, a checkpoint it
+    refuses, blocks that do not compile): starting again cannot help."""
+
+
+class EngineMisconfigured(Exception):
+    """The engine cannot start with this node's settings; the message says what to change.
+    The worker stops (exit 2) instead of restarting the engine forever."""
 
 
 @dataclass(frozen=True)
@@ -229,8 +237,14 @@ def engine_main(conn: Connection, config: EngineConfig, rank: int = 0, init: str
         )
         _install_fault(engine, config.fault, rank)
     except Exception as exc:  # any load failure is reported, then the process exits
-        log.exception("rank %d could not load the model", rank)
-        conn.send(EngineFailed(f"rank {rank}: {type(exc).__name__}: {exc}"))
+        from pipeline import BackendUnavailable, CompileFailed, ModelLoadError
+
+        settings = isinstance(exc, (BackendUnavailable, CompileFailed, ModelLoadError))
+        if settings:  # what to change is in the message; a traceback would only bury it
+            log.error("rank %d cannot start with these settings: %s", rank, exc)
+        else:
+            log.exception("rank %d could not load the model", rank)
+        conn.send(EngineFailed(f"rank {rank}: {type(exc).__name__}: {exc}", settings))
         return
     infos = engine.ranks.gather_objects(_rank_info(engine, rank))
     if rank == 0:
@@ -517,6 +531,8 @@ class EngineHost:
             ) from None
         if isinstance(message, EngineFailed):
             await self.kill()
+            if message.configuration:
+                raise EngineMisconfigured(message.message)
             raise InternalError(f"the engine could not load the model: {message.message}")
         if not isinstance(message, EngineReady):
             await self.kill()

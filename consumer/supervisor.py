@@ -49,7 +49,14 @@ from schemas.requests import check_metadata
 
 from .broker import BrokerWatch
 from .control import ControlWatcher, PeerWatcher
-from .engine_host import EngineDied, EngineHost, JobDone, JobProgress, RunJob
+from .engine_host import (
+    EngineDied,
+    EngineHost,
+    EngineMisconfigured,
+    JobDone,
+    JobProgress,
+    RunJob,
+)
 from .errors import (
     Cancelled,
     Expired,
@@ -503,6 +510,8 @@ class Supervisor:
         while not self._stopping.is_set():
             try:
                 await self.engine.restart()
+            except EngineMisconfigured:
+                raise  # the settings changed under it, or never worked: stop the node
             except Exception as exc:
                 log.error("engine restart failed (%s); trying again in %.0f s", exc, pause)
                 with contextlib.suppress(asyncio.TimeoutError):
