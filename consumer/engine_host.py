@@ -6,6 +6,9 @@ engine's life: start, ready, run, stop, die, restart. An engine is NPROC rank pr
 fatal error, and any rank exiting is noticed at once (its pipe closes). Between jobs
 rank 0 sends the others a keep-alive so an idle engine never trips the collective
 timeout. The asyncio side never blocks: reader threads turn pipe messages into queue items.
+
+Over 400 lines, knowingly: the wire messages, the rank processes' loops and the host are
+to become three modules (protocol, child, host); they share the message types today.
 """
 
 from __future__ import annotations
