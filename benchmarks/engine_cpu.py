@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import (
+from i2v_fleet.pipeline import (
     AttentionCacheSpec,
     FirstBlockCacheSpec,
     Generated,
@@ -146,7 +146,7 @@ def phases_and_caches(engine: WanI2V, steps: int, repeats: int, say: Callable[..
 def decode_overlap(engine: WanI2V, tmp: Path, repeats: int, say: Callable[..., None]) -> None:
     """Decode, then encode the MP4 (as before) against encoding in a thread while the
     decoder yields frames (as rank 0 does now): the same job, one step, many frames."""
-    from pipeline.video import BackgroundMp4
+    from i2v_fleet.pipeline.video import BackgroundMp4
 
     image = prepare_image(EXAMPLE.read_bytes(), 416, 240)
     request = GenerationRequest(

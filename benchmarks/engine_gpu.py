@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import Generated, GenerationRequest, WanI2V, write_tiny_model
+from i2v_fleet.pipeline import Generated, GenerationRequest, WanI2V, write_tiny_model
 
 MID = {
     "num_attention_heads": 12,

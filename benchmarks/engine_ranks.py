@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from consumer.engine_host import EngineConfig, EngineHost, JobDone, RunJob
-from pipeline import GenerationRequest, write_tiny_model
+from i2v_fleet.consumer.engine_host import EngineConfig, EngineHost, JobDone, RunJob
+from i2v_fleet.pipeline import GenerationRequest, write_tiny_model
 
 LAYOUTS: dict[str, dict[str, Any]] = {
     "1 rank": {},

@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dit_gpu import FULL_CONFIG, IMAGE_TOKENS, PEAK_TFLOPS, TEXT_TOKENS, count_flops
 
-from pipeline import Generated, GenerationRequest, WanI2V
-from pipeline.attention import available_backends, time_backend
-from pipeline.loading import WanComponents
+from i2v_fleet.pipeline import Generated, GenerationRequest, WanI2V
+from i2v_fleet.pipeline.attention import available_backends, time_backend
+from i2v_fleet.pipeline.loading import WanComponents
 
 TINY = {
     "dit": dict(
@@ -110,7 +110,7 @@ def build_components(sizes: dict[str, Any], device: torch.device) -> WanComponen
         UMT5EncoderModel,
     )
 
-    from pipeline.tiny import build_tokenizer
+    from i2v_fleet.pipeline.tiny import build_tokenizer
 
     dtype = torch.bfloat16 if device.type != "cpu" else torch.float32
     tokenizer = build_tokenizer()
@@ -283,7 +283,7 @@ def main() -> None:
                 return
         model.set_attention_backend(backend)
         if compile_ and not compiled:
-            from pipeline.compile import compile_blocks
+            from i2v_fleet.pipeline.compile import compile_blocks
 
             compile_blocks(model)
             compiled = True
@@ -355,7 +355,7 @@ def _picture(width: int, height: int) -> Any:
 def _job(engine: WanI2V, image: Any, size: tuple[int, int, int], fields: dict[str, Any],
          device: torch.device, say: Callable[[str], None]) -> float:  # fmt: skip
     """One generation plus the overlapped MP4 encode; returns seconds per step."""
-    from pipeline.video import BackgroundMp4
+    from i2v_fleet.pipeline.video import BackgroundMp4
 
     width, height, frames = size
     request = GenerationRequest(

@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from producer_sdk.devstack import DevStack, StackConfig, free_port
-from schemas import JOB_EVENT_ADAPTER, JobRequest, TopicNames
+from i2v_fleet.producer_sdk.devstack import DevStack, StackConfig, free_port
+from i2v_fleet.schemas import JOB_EVENT_ADAPTER, JobRequest, TopicNames
 
 MiB = 1024 * 1024
 PHOTO = Path(__file__).resolve().parents[1] / "examples" / "images" / "grace_hopper.jpg"
@@ -423,7 +423,7 @@ def main() -> None:
         proc: subprocess.Popen[bytes] | None = None
         log = tmp / "worker.log"
         try:
-            from pipeline import write_tiny_model
+            from i2v_fleet.pipeline import write_tiny_model
 
             model = write_tiny_model(tmp / "model")
             ops_port = free_port()

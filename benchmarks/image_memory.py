@@ -152,8 +152,8 @@ def _status_kib(field: str) -> int:
 
 
 def child(path: Path, fmt: str, which: str, size: tuple[int, int], repeats: int) -> None:
-    from pipeline.errors import ImageInvalid
-    from pipeline.images import prepare_image
+    from i2v_fleet.pipeline.errors import ImageInvalid
+    from i2v_fleet.pipeline.images import prepare_image
 
     decode = baseline if which == "old" else prepare_image
     warm = _encode(Image.fromarray(_photo(256, 256, 4)), fmt)

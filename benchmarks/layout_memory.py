@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.layout import ModelSizes, ParallelLayout, weight_bytes_per_card
+from i2v_fleet.pipeline.layout import ModelSizes, ParallelLayout, weight_bytes_per_card
 
 # transformer/config.json of Wan-AI/Wan2.1-I2V-14B-720P-Diffusers
 TRANSFORMER_14B = {

@@ -90,7 +90,7 @@ def load_in_rank(
     """Load the transformer in this rank; report its peak RSS and parameter bytes."""
     from diffusers import WanTransformer3DModel
 
-    from pipeline.sharding import load_sharded, local_param_bytes, transformer_units
+    from i2v_fleet.pipeline.sharding import load_sharded, local_param_bytes, transformer_units
 
     dtype, cpu = getattr(torch, dtype_name), torch.device("cpu")
     _reset_peak()
@@ -148,7 +148,7 @@ def _entry(rank: int, world: int, port: int, results: Any, args: tuple[Any, ...]
     import diffusers  # noqa: F401
     import safetensors.torch  # noqa: F401
 
-    import pipeline.sharding  # noqa: F401
+    import i2v_fleet.pipeline.sharding  # noqa: F401
 
     dist.init_process_group(
         "gloo",

@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 
-from pipeline import GenerationRequest, WanI2V, write_tiny_model
-from pipeline.request import AttentionCacheSpec, FirstBlockCacheSpec
+from i2v_fleet.pipeline import GenerationRequest, WanI2V, write_tiny_model
+from i2v_fleet.pipeline.request import AttentionCacheSpec, FirstBlockCacheSpec
 
 # Ops that read a device value on the host (as the profiler names them).
 HOST_READS = {

@@ -21,12 +21,12 @@ import numpy as np
 from aiohttp import web
 from PIL import Image
 
-from consumer.events import Emitter
-from consumer.fetch import FetchPolicy, fetch_image
-from consumer.storage import ResultStore, StoreConfig
-from pipeline import encode_mp4, prepare_image, write_poster
-from producer_sdk.devstack import DevStack, StackConfig, free_port
-from schemas import ErrorInfo, JobRequest, Phase, TopicNames, topic_specs
+from i2v_fleet.consumer.events import Emitter
+from i2v_fleet.consumer.fetch import FetchPolicy, fetch_image
+from i2v_fleet.consumer.storage import ResultStore, StoreConfig
+from i2v_fleet.pipeline import encode_mp4, prepare_image, write_poster
+from i2v_fleet.producer_sdk.devstack import DevStack, StackConfig, free_port
+from i2v_fleet.schemas import ErrorInfo, JobRequest, Phase, TopicNames, topic_specs
 
 PHOTO = Path(__file__).resolve().parents[1] / "examples" / "images" / "grace_hopper.jpg"
 WIDTH, HEIGHT, FRAMES = 1280, 720, 81
@@ -51,7 +51,7 @@ async def serve_photo(data: bytes) -> tuple[web.AppRunner, int]:
 async def measure(stack: DevStack, repeats: int) -> dict[str, float]:
     from aiokafka import AIOKafkaProducer
 
-    from producer_sdk.admin import create_topics
+    from i2v_fleet.producer_sdk.admin import create_topics
 
     c = stack.config
     # A 1920x1080 JPEG, as a phone or a CMS would send.
@@ -68,7 +68,7 @@ async def measure(stack: DevStack, repeats: int) -> dict[str, float]:
         )
     )
     topics = TopicNames().with_suffix(f".bench{uuid.uuid4().hex[:6]}")
-    from producer_sdk.settings import KafkaSettings
+    from i2v_fleet.producer_sdk.settings import KafkaSettings
 
     await create_topics(KafkaSettings(bootstrap_servers=c.bootstrap_servers), topic_specs(topics))
     producer = AIOKafkaProducer(bootstrap_servers=c.bootstrap_servers, acks="all")

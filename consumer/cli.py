@@ -45,12 +45,12 @@ def generate(
     t5_cpu: Annotated[bool, typer.Option(envvar="T5_CPU", help="Text encoder on the CPU.")] = False,
 ) -> None:
     """Generate one video locally: the same validation and engine as a worker node."""
-    from pipeline.cli import require_worker_extra
+    from i2v_fleet.pipeline.cli import require_worker_extra
 
     require_worker_extra("i2v generate")
     from pydantic import ValidationError
 
-    from pipeline import (
+    from i2v_fleet.pipeline import (
         Generated,
         PipelineError,
         WanI2V,
@@ -58,7 +58,7 @@ def generate(
         prepare_image,
         write_poster,
     )
-    from schemas import JobRequest, describe_validation_error
+    from i2v_fleet.schemas import JobRequest, describe_validation_error
 
     from .generation import generation_request
 
@@ -122,7 +122,7 @@ def generate(
 
 
 def _with_inline_image(fields: dict[str, Any], prepared: Any) -> Any:
-    from schemas import JobRequest
+    from i2v_fleet.schemas import JobRequest
 
     buffer = io.BytesIO()
     prepared.save(buffer, format="JPEG", quality=95)
@@ -148,7 +148,7 @@ def worker() -> None:
     Configured by environment variables (MODEL_CKPT_DIR, KAFKA_BOOTSTRAP_SERVERS, MINIO_*,
     NODE_ID, ...); `i2v dev up` prints the ones for the local stack.
     """
-    from pipeline.cli import require_worker_extra
+    from i2v_fleet.pipeline.cli import require_worker_extra
 
     require_worker_extra("i2v worker")
     from pydantic import ValidationError
@@ -165,7 +165,7 @@ def worker() -> None:
     logs.configure(settings.node_id)
     import asyncio
 
-    from pipeline.layout import LayoutError
+    from i2v_fleet.pipeline.layout import LayoutError
 
     from .engine_host import EngineMisconfigured
 

@@ -15,7 +15,14 @@ from uuid import UUID
 
 from pydantic import ValidationError
 
-from schemas import CANCEL_ADAPTER, NODE_INFO_ADAPTER, CancelRequest, NodeInfo, NodeState, utcnow
+from i2v_fleet.schemas import (
+    CANCEL_ADAPTER,
+    NODE_INFO_ADAPTER,
+    CancelRequest,
+    NodeInfo,
+    NodeState,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 

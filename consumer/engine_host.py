@@ -171,7 +171,7 @@ class EngineConfig:
 
     @property
     def layout(self) -> Any:
-        from pipeline.layout import ParallelLayout
+        from i2v_fleet.pipeline.layout import ParallelLayout
 
         return ParallelLayout(
             nproc=self.nproc,
@@ -187,7 +187,7 @@ class EngineConfig:
         """This rank's device: its card of the lane on cuda/npu, the CPU otherwise."""
         if self.device == "cpu":
             return "cpu"
-        from pipeline.devices import detect_kind
+        from i2v_fleet.pipeline.devices import detect_kind
 
         kind = detect_kind(self.device)
         if kind == "cpu":
@@ -209,9 +209,9 @@ def engine_main(conn: Connection, config: EngineConfig, rank: int = 0, init: str
     """Entry point of one rank: load once, then serve jobs until Shutdown."""
     import os
 
-    from pipeline import WanI2V
-    from pipeline.lora import parse_loras
-    from pipeline.parallel import Ranks, RanksOutOfStep
+    from i2v_fleet.pipeline import WanI2V
+    from i2v_fleet.pipeline.lora import parse_loras
+    from i2v_fleet.pipeline.parallel import Ranks, RanksOutOfStep
 
     _die_with_parent()
     t0 = time.perf_counter()
@@ -240,7 +240,7 @@ def engine_main(conn: Connection, config: EngineConfig, rank: int = 0, init: str
         )
         _install_fault(engine, config.fault, rank)
     except Exception as exc:  # any load failure is reported, then the process exits
-        from pipeline import BackendUnavailable, CompileFailed, ModelLoadError
+        from i2v_fleet.pipeline import BackendUnavailable, CompileFailed, ModelLoadError
 
         settings = isinstance(exc, (BackendUnavailable, CompileFailed, ModelLoadError))
         if settings:  # what to change is in the message; a traceback would only bury it
@@ -291,8 +291,8 @@ def engine_main(conn: Connection, config: EngineConfig, rank: int = 0, init: str
 
 def _run_job(engine: Any, conn: Connection | None, message: RunJob, commands: list[Any]) -> None:
     """One job on this rank; only rank 0 (with `conn`) reports and writes the video."""
-    from pipeline import Generated, PipelineError, write_poster
-    from pipeline.video import BackgroundMp4
+    from i2v_fleet.pipeline import Generated, PipelineError, write_poster
+    from i2v_fleet.pipeline.video import BackgroundMp4
 
     job_id = message.job_id
     stop = {"flag": False}
@@ -380,7 +380,7 @@ def _abort(mp4: Any) -> None:
 
 
 def _out_of_step(exc: BaseException) -> Exception:
-    from pipeline.parallel import RanksOutOfStep
+    from i2v_fleet.pipeline.parallel import RanksOutOfStep
 
     if isinstance(exc, RanksOutOfStep):
         return exc
@@ -392,7 +392,7 @@ def _out_of_step(exc: BaseException) -> Exception:
 def _rank_info(engine: Any, rank: int) -> RankInfo:
     import os
 
-    from pipeline.sharding import local_param_bytes
+    from i2v_fleet.pipeline.sharding import local_param_bytes
 
     c = engine.c
     return RankInfo(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from schemas import ErrorCode, ErrorInfo
+from i2v_fleet.schemas import ErrorCode, ErrorInfo
 
 
 class JobError(Exception):

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from schemas import (
+from i2v_fleet.schemas import (
     JOB_EVENT_ADAPTER,
     CancelledEvent,
     ErrorInfo,
@@ -31,7 +31,7 @@ from schemas import (
     TopicNames,
     utcnow,
 )
-from schemas.topics import (
+from i2v_fleet.schemas.topics import (
     HEADER_ERROR_CODE,
     HEADER_ERROR_MESSAGE,
     HEADER_EVENT_TYPE,

@@ -22,7 +22,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from pipeline.formats import ALLOWED_NAMES, SNIFF_BYTES, format_noun, sniff_format
+from i2v_fleet.pipeline.formats import ALLOWED_NAMES, SNIFF_BYTES, format_noun, sniff_format
 
 from .errors import ImageFetchFailed, ImageRejected
 

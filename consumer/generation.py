@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline.request import (
+from i2v_fleet.pipeline.request import (
     AttentionCacheSpec,
     CacheSpec,
     FirstBlockCacheSpec,
     GenerationRequest,
     Solver,
 )
-from schemas import (
+from i2v_fleet.schemas import (
     DISTILLED_PRESETS,
     AttentionCache,
     FirstBlockCache,

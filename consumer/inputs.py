@@ -6,7 +6,7 @@ Owns the dispatch over `url` (the SSRF-safe fetcher), `s3` (the node's own store
 
 from __future__ import annotations
 
-from schemas import Base64Image, ImageSource, S3Image, UrlImage
+from i2v_fleet.schemas import Base64Image, ImageSource, S3Image, UrlImage
 
 from .fetch import FetchPolicy, fetch_image
 from .storage import ResultStore

@@ -23,7 +23,7 @@ from uuid import UUID
 from aiokafka import ConsumerRebalanceListener
 from pydantic import ValidationError
 
-from schemas import (
+from i2v_fleet.schemas import (
     JOB_EVENT_ADAPTER,
     JOB_REQUEST_ADAPTER,
     ErrorCode,

@@ -13,9 +13,9 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipeline.layout import ParallelLayout
-from schemas import TopicNames
-from schemas.topics import REAPERS_GROUP, WORKERS_GROUP
+from i2v_fleet.pipeline.layout import ParallelLayout
+from i2v_fleet.schemas import TopicNames
+from i2v_fleet.schemas.topics import REAPERS_GROUP, WORKERS_GROUP
 
 
 class WorkerSettings(BaseSettings):
@@ -177,7 +177,7 @@ class WorkerSettings(BaseSettings):
     @field_validator("attention_backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
-        from pipeline.attention import ATTENTION_BACKENDS
+        from i2v_fleet.pipeline.attention import ATTENTION_BACKENDS
 
         value = value.strip().lower()
         if value not in ATTENTION_BACKENDS:
@@ -187,7 +187,7 @@ class WorkerSettings(BaseSettings):
     @field_validator("model_loras")
     @classmethod
     def _safetensors_loras(cls, value: str) -> str:
-        from pipeline.lora import parse_loras
+        from i2v_fleet.pipeline.lora import parse_loras
 
         parse_loras(value)  # ValueError names the entry that is not a .safetensors path
         return value
@@ -195,7 +195,7 @@ class WorkerSettings(BaseSettings):
     @field_validator("compile_warmup_sizes")
     @classmethod
     def _sizes(cls, value: str) -> str:
-        from pipeline.compile import parse_sizes
+        from i2v_fleet.pipeline.compile import parse_sizes
 
         parse_sizes(value)  # ValueError names the bad entry
         return value

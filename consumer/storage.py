@@ -32,7 +32,7 @@ from pydantic import TypeAdapter, ValidationError
 from pydantic_core import to_json
 from urllib3.exceptions import HTTPError, LocationValueError, SSLError
 
-from schemas import JobResult, safe_text, utcnow
+from i2v_fleet.schemas import JobResult, safe_text, utcnow
 
 from .errors import ImageFetchFailed, StorageFailed
 

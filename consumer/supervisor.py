@@ -30,9 +30,9 @@ import structlog
 from aiokafka import ConsumerRebalanceListener
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from pipeline.layout import ParallelLayout
-from pipeline.request import AttentionCacheSpec
-from schemas import (
+from i2v_fleet.pipeline.layout import ParallelLayout
+from i2v_fleet.pipeline.request import AttentionCacheSpec
+from i2v_fleet.schemas import (
     JOB_REQUEST_ADAPTER,
     Base64Image,
     DeviceKind,
@@ -50,7 +50,7 @@ from schemas import (
     served_presets,
     utcnow,
 )
-from schemas.requests import check_metadata
+from i2v_fleet.schemas.requests import check_metadata
 
 from .broker import BrokerWatch
 from .control import ControlWatcher, PeerWatcher
@@ -773,7 +773,7 @@ class Supervisor:
         )
 
     async def _load_image(self, job: JobRequest) -> Any:
-        from pipeline import ImageInvalid, InvalidRequest, prepare_image
+        from i2v_fleet.pipeline import ImageInvalid, InvalidRequest, prepare_image
 
         data = await image_bytes(job.image, self.policy, self.store)
         try:

@@ -13,8 +13,8 @@ import logging
 import os
 import signal
 
-from pipeline.compile import parse_sizes
-from pipeline.layout import LayoutError, ParallelLayout, lane_devices
+from i2v_fleet.pipeline.compile import parse_sizes
+from i2v_fleet.pipeline.layout import LayoutError, ParallelLayout, lane_devices
 
 from .engine_host import EngineConfig, EngineHost
 from .fetch import FetchPolicy
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def node_cards(settings: WorkerSettings) -> tuple[str, int]:
     """The device kind and how many cards this node has (the CPU counts as one)."""
-    from pipeline.devices import detect_kind, device_count
+    from i2v_fleet.pipeline.devices import detect_kind, device_count
 
     kind = detect_kind(settings.device)
     return kind, device_count(kind)

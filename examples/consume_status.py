@@ -11,7 +11,7 @@ import os
 
 from aiokafka import AIOKafkaConsumer
 
-from schemas import JOB_EVENT_ADAPTER, FailedEvent, SucceededEvent
+from i2v_fleet.schemas import JOB_EVENT_ADAPTER, FailedEvent, SucceededEvent
 
 
 async def main() -> None:

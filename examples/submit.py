@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from producer_sdk import AsyncClient, JobFailed
-from schemas import ProgressEvent
+from i2v_fleet.producer_sdk import AsyncClient, JobFailed
+from i2v_fleet.schemas import ProgressEvent
 
 
 async def main(photo: str, prompt: str) -> None:

@@ -2,7 +2,7 @@
 
 Imports nothing of ours and knows nothing of Kafka or MinIO: it takes a typed
 `GenerationRequest` plus `on_progress` / `should_stop` callables and returns frames.
-Names load lazily, so `import pipeline.cli` (the `i2v` commands) does not import torch.
+Names load lazily, so `import i2v_fleet.pipeline.cli` (the `i2v` commands) does not import torch.
 
     engine = WanI2V.load(MODEL_CKPT_DIR)
     image = prepare_image(jpeg_bytes, 832, 480)
@@ -111,5 +111,5 @@ assert sorted(__all__) == sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+        raise AttributeError(f"module 'i2v_fleet.pipeline' has no attribute {name!r}")
     return getattr(importlib.import_module(f".{module}", __name__), name)

@@ -1,13 +1,10 @@
 """`i2v model tiny` and `i2v doctor`: the engine's commands.
 
-Owns their command line: doctor's checks of devices, memory, the model directory, the text
-encoder's warm-up and the node's layout. Imports torch and diffusers only inside the
-commands, so the `i2v` command starts fast and says which extra to install when they are
-missing. `doctor --layout` alone reaches into `consumer` (its settings, lazily): it checks
-the layout exactly as `i2v worker` will read it.
-
-Just over 400 lines: each doctor check is small; the layout check is to move to the node
-side (`i2v config check`), which brings the file under the limit.
+Owns their command line: doctor's checks of devices, memory, the model directory and the
+text encoder's warm-up. Imports torch and diffusers only inside the commands, so the `i2v`
+command starts fast and says which extra to install when they are missing. The node's
+layout is checked by `i2v config check` (consumer/config_cli.py), which reads the node's
+settings as the worker does.
 """
 
 from __future__ import annotations
@@ -65,7 +62,6 @@ def tiny(
 
 
 DEVICE_KINDS = ("cuda", "npu", "cpu")
-WAN_14B_HEADS = 40
 T5_MAX_LENGTH = 512  # GenerationRequest.max_sequence_length: the engine always pads to it
 WARMUP_PROMPT = (
     "A cat in a small boat drifts across a calm lake at sunset, the camera slowly circling."
@@ -113,14 +109,6 @@ def doctor(
     warmup_steps: Annotated[
         int, typer.Option("--warmup-steps", min=1, help="Encodes to time with --t5-warmup.")
     ] = 3,
-    layout: Annotated[
-        bool,
-        typer.Option(
-            "--layout",
-            help="Check the node's layout from the environment (NPROC, LANES, ULYSSES_SIZE, "
-            "CFG_SIZE, ...) against this machine's cards and the model's heads.",
-        ),
-    ] = False,
 ) -> None:
     """Check this machine: devices and memory, library versions, and the model directory."""
     require_worker_extra("i2v doctor")
@@ -166,74 +154,12 @@ def doctor(
     except PipelineError as exc:
         ok = model_ok = False
         out.print(f"[red]model directory problem[/]: {exc}")
-    if layout:
-        ok = _check_layout(model_dir, kind) and ok
     if t5_warmup and model_ok and present:
         ok = _t5_warmup(model_dir, kind, t5_cpu, warmup_steps) and ok
     if ok and smoke:
         ok = _smoke(model_dir, kind, t5_cpu)
     out.print(_memory_table(kind if present else "cpu"))
     raise typer.Exit(0 if ok else 1)
-
-
-def _check_layout(model_dir: Path, kind: str) -> bool:
-    """The layout `i2v worker` would build from this environment, checked as it checks it
-    (plus the card count, which the worker learns only when it splits the cards)."""
-    from pydantic import ValidationError
-
-    # The layout is the node's configuration and WorkerSettings is its one reader; doctor
-    # checks what the worker will see, so it reads it the same way (only here, lazily).
-    from consumer.settings import WorkerSettings
-
-    from .devices import device_count
-    from .layout import LayoutError, lane_devices
-
-    try:
-        settings = WorkerSettings()
-    except ValidationError as exc:
-        problem = escape(str(exc))
-        out.print(
-            f"[red]layout problem[/]: the node settings in the environment are invalid: {problem}"
-        )
-        return False
-    cards = device_count(kind)
-    heads, heads_from = _model_heads(model_dir)
-    resolved = settings.engine_layout(cards)
-    try:
-        resolved.check(heads)
-        if kind != "cpu":
-            if resolved.nproc * settings.lanes > cards:
-                per_lane = max(1, cards // settings.lanes)
-                raise LayoutError(
-                    f"NPROC={resolved.nproc} x LANES={settings.lanes} needs "
-                    f"{resolved.nproc * settings.lanes} cards, and this node has {cards} {kind} "
-                    f"cards: set NPROC={per_lane} with ULYSSES_SIZE x CFG_SIZE = {per_lane}, "
-                    f"or leave NPROC and ULYSSES_SIZE unset (they follow cards / LANES)"
-                )
-            lane_devices(cards, settings.lanes)
-    except LayoutError as exc:
-        out.print(f"[red]layout problem[/]: {escape(str(exc))}")
-        return False
-    out.print(
-        f"[green]layout OK[/]: LANES={settings.lanes} x NPROC={resolved.nproc} "
-        f"(ULYSSES_SIZE={resolved.ulysses_size} x CFG_SIZE={resolved.cfg_size}), "
-        f"DIT_FSDP={_onoff(resolved.dit_fsdp)} T5_FSDP={_onoff(resolved.t5_fsdp)} "
-        f"T5_CPU={_onoff(resolved.t5_cpu)} VAE_PARALLEL={_onoff(resolved.vae_parallel)}; "
-        f"{cards} {kind} card{'s' if cards != 1 else ''}, {heads} attention heads ({heads_from})"
-    )
-    return True
-
-
-def _model_heads(model_dir: Path) -> tuple[int, str]:
-    """The transformer's attention heads, and where the number came from."""
-    import json
-
-    config = model_dir / "transformer" / "config.json"
-    try:
-        heads = json.loads(config.read_text())["num_attention_heads"]  # noqa: TID251 - a config file
-        return int(heads), str(config)
-    except (OSError, ValueError, KeyError, TypeError):
-        return WAN_14B_HEADS, f"assumed: no readable {config}"
 
 
 def _t5_warmup(model_dir: Path, kind: str, t5_cpu: bool, steps: int) -> bool:
@@ -368,10 +294,6 @@ def _proc_status(key: str) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _onoff(flag: bool) -> str:
-    return "true" if flag else "false"
 
 
 def _smoke(model_dir: Path, kind: str, t5_cpu: bool) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 
-from schemas import TopicSpec
+from i2v_fleet.schemas import TopicSpec
 
 from .errors import BrokerError, TopicsError
 from .settings import KafkaSettings

@@ -26,7 +26,7 @@ from uuid import UUID
 
 from pydantic import ValidationError
 
-from schemas import (
+from i2v_fleet.schemas import (
     JOB_EVENT_ADAPTER,
     MAX_BASE64_IMAGE_BYTES,
     NODE_INFO_ADAPTER,
@@ -47,7 +47,7 @@ from schemas import (
     describe_validation_error,
     utcnow,
 )
-from schemas.topics import HEADER_SCHEMA_VERSION
+from i2v_fleet.schemas.topics import HEADER_SCHEMA_VERSION
 
 from .errors import BrokerError, I2VError, InvalidJob, JobCancelled, JobFailed, WaitTimeout
 from .settings import KafkaSettings, ObjectStoreSettings, TopicSettings

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas import TopicNames
+from i2v_fleet.schemas import TopicNames
 
 
 class KafkaSettings(BaseSettings):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
 
-from schemas import JobResult, NodeInfo
+from i2v_fleet.schemas import JobResult, NodeInfo
 
 from .client import DEFAULT_LOOKBACK, AsyncClient, Event, JobHandle, JobStatus, QueueDepth
 

@@ -1,7 +1,7 @@
 """Test your code without Kafka: an in-memory transport and a fake worker.
 
-    from producer_sdk import AsyncClient
-    from producer_sdk.testing import FakeWorker, MemoryTransport
+    from i2v_fleet.producer_sdk import AsyncClient
+    from i2v_fleet.producer_sdk.testing import FakeWorker, MemoryTransport
 
     async def test_my_service() -> None:
         transport = MemoryTransport()
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from schemas import (
+from i2v_fleet.schemas import (
     JOB_REQUEST_ADAPTER,
     WORKERS_GROUP,
     ErrorInfo,

@@ -22,8 +22,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from producer_sdk import KafkaSettings, TopicSettings
-from schemas import JOB_EVENT_ADAPTER, PROGRESS_ADAPTER, JobRequest, SucceededEvent
+from i2v_fleet.producer_sdk import KafkaSettings, TopicSettings
+from i2v_fleet.schemas import JOB_EVENT_ADAPTER, PROGRESS_ADAPTER, JobRequest, SucceededEvent
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / ".i2v" / "demo"

@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from producer_sdk.admin import create_topics
-from producer_sdk.devstack import DevStack, StackConfig, free_port
-from producer_sdk.settings import KafkaSettings, ObjectStoreSettings
-from schemas import TopicNames, topic_specs
+from i2v_fleet.producer_sdk.admin import create_topics
+from i2v_fleet.producer_sdk.devstack import DevStack, StackConfig, free_port
+from i2v_fleet.producer_sdk.settings import KafkaSettings, ObjectStoreSettings
+from i2v_fleet.schemas import TopicNames, topic_specs
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def topics(kafka: KafkaSettings) -> TopicNames:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Wan2.1 I2V checkpoint in the diffusers layout, written once per session."""
-    from pipeline import write_tiny_model
+    from i2v_fleet.pipeline import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
@@ -154,7 +154,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def engine(tiny_model_dir: Path) -> Any:
     """The tiny model loaded once, as a worker loads it, on the CPU."""
-    from pipeline import WanI2V
+    from i2v_fleet.pipeline import WanI2V
 
     return WanI2V.load(tiny_model_dir, device="cpu")
 

@@ -13,7 +13,7 @@ from typing import ParamSpec, TypeVar
 import typer
 from rich.console import Console
 
-from producer_sdk.errors import I2VError
+from i2v_fleet.producer_sdk.errors import I2VError
 
 P = ParamSpec("P")
 R = TypeVar("R")

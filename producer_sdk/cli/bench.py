@@ -22,10 +22,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from producer_sdk.client import AsyncClient
-from producer_sdk.settings import KafkaSettings
-from producer_sdk.transport import KafkaTransport, Transport
-from schemas import JOB_EVENT_ADAPTER, FailedEvent, SucceededEvent, utcnow
+from i2v_fleet.producer_sdk.client import AsyncClient
+from i2v_fleet.producer_sdk.settings import KafkaSettings
+from i2v_fleet.producer_sdk.transport import KafkaTransport, Transport
+from i2v_fleet.schemas import JOB_EVENT_ADAPTER, FailedEvent, SucceededEvent, utcnow
 
 from ._common import err, out
 from .jobs import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, _outcome

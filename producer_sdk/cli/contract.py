@@ -12,10 +12,10 @@ from typing import Annotated, Any
 import typer
 from pydantic import BaseModel
 
-import schemas
-from producer_sdk._extras import require_extra
-from producer_sdk.settings import TopicSettings
-from schemas.asyncapi import asyncapi_document
+from i2v_fleet import schemas
+from i2v_fleet.producer_sdk._extras import require_extra
+from i2v_fleet.producer_sdk.settings import TopicSettings
+from i2v_fleet.schemas.asyncapi import asyncapi_document
 
 from ._common import cli_errors, out, package_version
 

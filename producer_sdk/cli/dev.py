@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from producer_sdk.devstack import DevStack, StackConfig, default_state_dir
+from i2v_fleet.producer_sdk.devstack import DevStack, StackConfig, default_state_dir
 
 from ._common import cli_errors, err, out
 

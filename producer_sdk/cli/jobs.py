@@ -18,9 +18,15 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from producer_sdk.client import AsyncClient, Event
-from producer_sdk.errors import BrokerError, InvalidJob, JobCancelled, JobFailed, WaitTimeout
-from schemas import (
+from i2v_fleet.producer_sdk.client import AsyncClient, Event
+from i2v_fleet.producer_sdk.errors import (
+    BrokerError,
+    InvalidJob,
+    JobCancelled,
+    JobFailed,
+    WaitTimeout,
+)
+from i2v_fleet.schemas import (
     JOB_EVENT_ADAPTER,
     WORKERS_GROUP,
     CancelledEvent,

@@ -26,11 +26,11 @@ from pydantic import TypeAdapter, ValidationError
 from rich.live import Live
 from rich.table import Table
 
-from producer_sdk.client import AsyncClient
-from producer_sdk.errors import I2VError
-from producer_sdk.settings import KafkaSettings
-from producer_sdk.transport import KafkaTransport, Transport
-from schemas import NODE_INFO_ADAPTER, NodeInfo, NodeState, utcnow
+from i2v_fleet.producer_sdk.client import AsyncClient
+from i2v_fleet.producer_sdk.errors import I2VError
+from i2v_fleet.producer_sdk.settings import KafkaSettings
+from i2v_fleet.producer_sdk.transport import KafkaTransport, Transport
+from i2v_fleet.schemas import NODE_INFO_ADAPTER, NodeInfo, NodeState, utcnow
 
 from ._common import err, out
 from .jobs import EXIT_FAILED, EXIT_OK, _outcome

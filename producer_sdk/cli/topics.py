@@ -11,9 +11,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from producer_sdk.admin import create_topics, list_topics
-from producer_sdk.settings import KafkaSettings, TopicSettings
-from schemas import topic_specs
+from i2v_fleet.producer_sdk.admin import create_topics, list_topics
+from i2v_fleet.producer_sdk.settings import KafkaSettings, TopicSettings
+from i2v_fleet.schemas import topic_specs
 
 from ._common import cli_errors, err, out
 

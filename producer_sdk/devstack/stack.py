@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from producer_sdk._extras import require_extra
-from producer_sdk.admin import TopicOutcome, create_topics
-from producer_sdk.errors import DevStackError, I2VError
-from producer_sdk.settings import KafkaSettings
-from schemas import TopicNames, topic_specs
+from i2v_fleet.producer_sdk._extras import require_extra
+from i2v_fleet.producer_sdk.admin import TopicOutcome, create_topics
+from i2v_fleet.producer_sdk.errors import DevStackError, I2VError
+from i2v_fleet.producer_sdk.settings import KafkaSettings
+from i2v_fleet.schemas import TopicNames, topic_specs
 
 from .process import BackgroundProcess
 

@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from consumer.events import Emitter
-from consumer.settings import WorkerSettings
-from consumer.supervisor import Supervisor
-from schemas import (
+from i2v_fleet.consumer.events import Emitter
+from i2v_fleet.consumer.settings import WorkerSettings
+from i2v_fleet.consumer.supervisor import Supervisor
+from i2v_fleet.schemas import (
     JOB_EVENT_ADAPTER,
     JOB_REQUEST_ADAPTER,
     ErrorCode,
@@ -260,7 +260,7 @@ async def test_a_record_whose_event_cannot_be_built_is_set_aside_at_once(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise ValueError("cannot build this event")
 
-    monkeypatch.setattr("consumer.events.FailedEvent", broken)
+    monkeypatch.setattr("i2v_fleet.consumer.events.FailedEvent", broken)
     record = _Record(json.dumps({"job_id": JOB_ID, "num_frames": 80}).encode(), offset=41)
     await supervisor._serve(consumer, record, waiting=False)
     assert consumer.commits == [42]

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from schemas import TopicNames, topic_specs
+from i2v_fleet.schemas import TopicNames, topic_specs
 from tests.conftest import Cluster, run_worker
 from tests.consumer.test_worker import _events, _job, _publish
 
@@ -72,7 +72,7 @@ async def _until_running(cluster: Cluster, topics: TopicNames, job_id: uuid.UUID
 
 @pytest.fixture(scope="module")
 def outage_topics(durable_cluster: Cluster) -> TopicNames:
-    from producer_sdk.admin import create_topics
+    from i2v_fleet.producer_sdk.admin import create_topics
 
     names = TopicNames().with_suffix(f".o{uuid.uuid4().hex[:8]}")
     asyncio.run(create_topics(durable_cluster.kafka, topic_specs(names, partitions=2)))

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from consumer.broker import BrokerWatch, KafkaNoise
+from i2v_fleet.consumer.broker import BrokerWatch, KafkaNoise
 
 
 class _Probe:
@@ -33,14 +33,14 @@ async def test_lost_after_the_bound_and_back_at_the_first_answer(
     assert not await watch.check()
     assert watch.reachable  # a single miss: not yet
     await asyncio.sleep(watch.down_after_s)
-    with caplog.at_level(logging.WARNING, logger="consumer.broker"):
+    with caplog.at_level(logging.WARNING, logger="i2v_fleet.consumer.broker"):
         await watch.check()
         assert not watch.reachable
         assert watch.down_for_s >= 0
         probe.up = True
         await watch.check()
     assert watch.reachable
-    lines = [r for r in caplog.records if r.name == "consumer.broker"]
+    lines = [r for r in caplog.records if r.name == "i2v_fleet.consumer.broker"]
     assert [getattr(r, "kafka_outage", None) for r in lines] == ["started", "ended"]
 
 
@@ -79,10 +79,10 @@ def test_client_noise_is_held_back_during_an_outage_and_thinned_outside() -> Non
     assert not noise.filter(_record("aiokafka.client", unable))
     assert noise.filter(_record("aiokafka.consumer.fetcher", "Failed fetch messages"))
     assert noise.filter(_record("aiokafka.client", "debugging", logging.DEBUG))
-    assert noise.filter(_record("consumer.supervisor", unable))
+    assert noise.filter(_record("i2v_fleet.consumer.supervisor", unable))
     # During an outage: none of the client's warnings, counted.
     noise.outage_started(1)
     assert not any(noise.filter(_record("aiokafka.conn", f"x{i}")) for i in range(250))
-    assert noise.filter(_record("consumer.broker", "kafka broker still unreachable"))
+    assert noise.filter(_record("i2v_fleet.consumer.broker", "kafka broker still unreachable"))
     assert noise.outage_ended(1) == 250
     assert noise.filter(_record("aiokafka.conn", "after the outage"))

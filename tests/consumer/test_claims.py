@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
-from consumer.settings import WorkerSettings
-from consumer.supervisor import Supervisor, _claim_oldest
+from i2v_fleet.consumer.settings import WorkerSettings
+from i2v_fleet.consumer.supervisor import Supervisor, _claim_oldest
 
 
 @dataclass

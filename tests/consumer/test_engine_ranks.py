@@ -19,8 +19,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from consumer.engine_host import EngineConfig, EngineDied, EngineHost, JobDone, JobStopped, RunJob
-from consumer.errors import JobError
+from i2v_fleet.consumer.engine_host import (
+    EngineConfig,
+    EngineDied,
+    EngineHost,
+    JobDone,
+    JobStopped,
+    RunJob,
+)
+from i2v_fleet.consumer.errors import JobError
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -28,7 +35,7 @@ COLLECTIVE_TIMEOUT_S = 8.0
 
 
 def _job(out: Path, steps: int = 4, seed: int = 3) -> RunJob:
-    from pipeline import GenerationRequest
+    from i2v_fleet.pipeline import GenerationRequest
 
     y, x = np.mgrid[0:64, 0:64]
     pixels = np.stack([x * 3, y * 4, (x + y) % 256], axis=-1).astype(np.uint8)

@@ -24,8 +24,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from consumer.errors import ImageFetchFailed, ImageRejected
-from consumer.fetch import FetchPolicy, check_addresses, fetch_image, parse_ip, resolve_and_check
+from i2v_fleet.consumer.errors import ImageFetchFailed, ImageRejected
+from i2v_fleet.consumer.fetch import (
+    FetchPolicy,
+    check_addresses,
+    fetch_image,
+    parse_ip,
+    resolve_and_check,
+)
 
 # -- the network guard -----------------------------------------------------------------
 

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from consumer.generation import generation_request
-from pipeline import AttentionCacheSpec, FirstBlockCacheSpec, probe_mp4
-from producer_sdk.cli import app
-from schemas import JobRequest
+from i2v_fleet.consumer.generation import generation_request
+from i2v_fleet.pipeline import AttentionCacheSpec, FirstBlockCacheSpec, probe_mp4
+from i2v_fleet.producer_sdk.cli import app
+from i2v_fleet.schemas import JobRequest
 
 EXAMPLE_IMAGE = Path(__file__).resolve().parents[2] / "examples" / "images" / "grace_hopper.jpg"
 

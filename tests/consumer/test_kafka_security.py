@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer.settings import WorkerSettings
+from i2v_fleet.consumer.settings import WorkerSettings
 from tests.consumer.test_store_tls import write_test_ca
 
 

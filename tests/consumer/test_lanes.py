@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from consumer.engine_host import EngineConfig
-from consumer.settings import WorkerSettings
-from consumer.worker import check_layout
-from pipeline.layout import LayoutError, ParallelLayout
+from i2v_fleet.consumer.engine_host import EngineConfig
+from i2v_fleet.consumer.settings import WorkerSettings
+from i2v_fleet.consumer.worker import check_layout
+from i2v_fleet.pipeline.layout import LayoutError, ParallelLayout
 
 
 def _settings(**env: object) -> WorkerSettings:

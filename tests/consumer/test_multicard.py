@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from pipeline import probe_mp4
-from producer_sdk.admin import create_topics
-from schemas import SucceededEvent, TopicNames, topic_specs
+from i2v_fleet.pipeline import probe_mp4
+from i2v_fleet.producer_sdk.admin import create_topics
+from i2v_fleet.schemas import SucceededEvent, TopicNames, topic_specs
 from tests.conftest import Cluster, run_worker
 
 from .test_worker import _events, _job

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from consumer.events import Emitter
-from consumer.metrics import Metrics
-from consumer.reaper import PartitionState, Reaper, apply_event
-from consumer.settings import WorkerSettings
-from producer_sdk.settings import KafkaSettings
-from schemas import (
+from i2v_fleet.consumer.events import Emitter
+from i2v_fleet.consumer.metrics import Metrics
+from i2v_fleet.consumer.reaper import PartitionState, Reaper, apply_event
+from i2v_fleet.consumer.settings import WorkerSettings
+from i2v_fleet.producer_sdk.settings import KafkaSettings
+from i2v_fleet.schemas import (
     JOB_EVENT_ADAPTER,
     JOB_REQUEST_ADAPTER,
     ErrorCode,
@@ -29,7 +29,7 @@ from schemas import (
     TopicNames,
     utcnow,
 )
-from schemas import topics as wire
+from i2v_fleet.schemas import topics as wire
 
 
 def _request(**fields: Any) -> JobRequest:

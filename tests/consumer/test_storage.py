@@ -24,16 +24,16 @@ from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 from urllib3 import HTTPResponse
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
-from consumer.errors import ImageFetchFailed, StorageFailed
-from consumer.storage import (
+from i2v_fleet.consumer.errors import ImageFetchFailed, StorageFailed
+from i2v_fleet.consumer.storage import (
     MAX_PRESIGN_EXPIRY_S,
     RETENTION_RULE_ID,
     ResultStore,
     StoreConfig,
 )
-from producer_sdk.devstack import free_port
-from producer_sdk.settings import ObjectStoreSettings
-from schemas import ErrorCode
+from i2v_fleet.producer_sdk.devstack import free_port
+from i2v_fleet.producer_sdk.settings import ObjectStoreSettings
+from i2v_fleet.schemas import ErrorCode
 
 MEDIUM = timedelta(seconds=5)
 

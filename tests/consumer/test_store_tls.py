@@ -23,13 +23,13 @@ import urllib3
 from minio import Minio
 from pydantic import SecretStr
 
-from consumer.errors import StorageFailed
-from consumer.settings import WorkerSettings
-from consumer.storage import ResultStore, StoreConfig
-from producer_sdk.client import _image_source
-from producer_sdk.devstack import DevStack, StackConfig, free_port
-from producer_sdk.settings import ObjectStoreSettings
-from schemas import MAX_BASE64_IMAGE_BYTES
+from i2v_fleet.consumer.errors import StorageFailed
+from i2v_fleet.consumer.settings import WorkerSettings
+from i2v_fleet.consumer.storage import ResultStore, StoreConfig
+from i2v_fleet.producer_sdk.client import _image_source
+from i2v_fleet.producer_sdk.devstack import DevStack, StackConfig, free_port
+from i2v_fleet.producer_sdk.settings import ObjectStoreSettings
+from i2v_fleet.schemas import MAX_BASE64_IMAGE_BYTES
 
 pytestmark = pytest.mark.minio
 

@@ -19,9 +19,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from minio import Minio
 
-from pipeline import probe_mp4
-from producer_sdk.settings import KafkaSettings, ObjectStoreSettings
-from schemas import (
+from i2v_fleet.pipeline import probe_mp4
+from i2v_fleet.producer_sdk.settings import KafkaSettings, ObjectStoreSettings
+from i2v_fleet.schemas import (
     JOB_EVENT_ADAPTER,
     NODE_INFO_ADAPTER,
     PROGRESS_ADAPTER,

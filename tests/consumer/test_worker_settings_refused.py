@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from producer_sdk.devstack import free_port
+from i2v_fleet.producer_sdk.devstack import free_port
 from tests.conftest import Cluster
 
 pytestmark = [pytest.mark.kafka, pytest.mark.minio, pytest.mark.slow]

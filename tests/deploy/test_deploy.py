@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from consumer.settings import WorkerSettings
-from producer_sdk.settings import KafkaSettings, ObjectStoreSettings, TopicSettings
+from i2v_fleet.consumer.settings import WorkerSettings
+from i2v_fleet.producer_sdk.settings import KafkaSettings, ObjectStoreSettings, TopicSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from producer_sdk.admin import create_topics
-from schemas import TopicNames, topic_specs
+from i2v_fleet.producer_sdk.admin import create_topics
+from i2v_fleet.schemas import TopicNames, topic_specs
 
 from .harness import Fleet
 

@@ -25,9 +25,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import TypeAdapter
 
-from producer_sdk.devstack import free_port
-from producer_sdk.settings import KafkaSettings
-from schemas import JOB_EVENT_ADAPTER, JobRequest, TopicNames
+from i2v_fleet.producer_sdk.devstack import free_port
+from i2v_fleet.producer_sdk.settings import KafkaSettings
+from i2v_fleet.schemas import JOB_EVENT_ADAPTER, JobRequest, TopicNames
 
 PHOTO = Path(__file__).resolve().parents[2] / "examples" / "images" / "grace_hopper.jpg"
 _JSON: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])

@@ -24,8 +24,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from minio import Minio
 
-from producer_sdk.admin import create_topics
-from schemas import TopicNames, topic_specs
+from i2v_fleet.producer_sdk.admin import create_topics
+from i2v_fleet.schemas import TopicNames, topic_specs
 from tests.conftest import Cluster
 
 from .harness import Fleet, StatusLog, cheap_job, publish

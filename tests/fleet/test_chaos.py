@@ -22,9 +22,9 @@ from aiokafka import AIOKafkaConsumer
 from minio import Minio
 from pydantic import TypeAdapter
 
-from pipeline import probe_mp4
-from schemas import JobRequest, TopicNames
-from schemas import topics as wire
+from i2v_fleet.pipeline import probe_mp4
+from i2v_fleet.schemas import JobRequest, TopicNames
+from i2v_fleet.schemas import topics as wire
 
 from .conftest import PARTITIONS
 from .harness import Fleet, StatusLog, TcpProxy, cheap_job, publish

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from minio import Minio
 
-from pipeline import probe_mp4
-from producer_sdk.transport import partition_for
-from schemas import JobRequest, TopicNames
+from i2v_fleet.pipeline import probe_mp4
+from i2v_fleet.producer_sdk.transport import partition_for
+from i2v_fleet.schemas import JobRequest, TopicNames
 
 from .conftest import PARTITIONS
 from .harness import Fleet, StatusLog, cheap_job, publish

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-from producer_sdk.devstack import free_port
+from i2v_fleet.producer_sdk.devstack import free_port
 
 
 def run_ranks(

@@ -10,16 +10,16 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline import BackendUnavailable, WanI2V
-from pipeline.attention import (
+from i2v_fleet.pipeline import BackendUnavailable, WanI2V
+from i2v_fleet.pipeline.attention import (
     AUTO_CANDIDATES,
     EXACT_BACKENDS,
     apply_backend,
     available_backends,
     choose_backend,
 )
-from pipeline.parallel import Ranks
-from pipeline.tiny import TINY_HEAD_DIM, TINY_HEADS
+from i2v_fleet.pipeline.parallel import Ranks
+from i2v_fleet.pipeline.tiny import TINY_HEAD_DIM, TINY_HEADS
 
 from .ranks import run_ranks
 
@@ -78,8 +78,8 @@ def test_a_backend_set_while_the_attention_cache_is_installed_reaches_the_proces
 ) -> None:
     from diffusers.models.attention_dispatch import AttentionBackendName
 
-    from pipeline import AttentionCacheSpec
-    from pipeline.caches import applied_cache
+    from i2v_fleet.pipeline import AttentionCacheSpec
+    from i2v_fleet.pipeline.caches import applied_cache
 
     transformer = _transformer(tiny_model_dir)
     with applied_cache(transformer, AttentionCacheSpec(0, 2, 1), 2):
@@ -94,8 +94,8 @@ def _ulysses(rank: int, world: int, model: str) -> dict[str, Any]:
     backend's kernel was called."""
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
-    from pipeline.layout import ParallelLayout
-    from pipeline.parallel import enable_ulysses
+    from i2v_fleet.pipeline.layout import ParallelLayout
+    from i2v_fleet.pipeline.parallel import enable_ulysses
 
     transformer = _transformer(Path(model))
     inputs = _inputs(3, 6, 10)
@@ -181,7 +181,7 @@ def test_sage_is_never_chosen_by_auto_and_unknown_names_are_refused() -> None:
 def test_the_worker_refuses_an_unknown_backend_in_its_settings() -> None:
     from pydantic import ValidationError
 
-    from consumer.settings import WorkerSettings
+    from i2v_fleet.consumer.settings import WorkerSettings
 
     assert WorkerSettings().attention_backend == "native"
     assert WorkerSettings(attention_backend="AUTO").attention_backend == "auto"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import (
+from i2v_fleet.pipeline import (
     AttentionCacheSpec,
     FirstBlockCacheSpec,
     Generated,

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import (
+from i2v_fleet.pipeline import (
     AttentionCacheSpec,
     FirstBlockCacheSpec,
     Generated,
     GenerationRequest,
     WanI2V,
 )
-from pipeline.compile import graph_count, parse_sizes
+from i2v_fleet.pipeline.compile import graph_count, parse_sizes
 
 WARMED = (96, 64, 5)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import (
+from i2v_fleet.pipeline import (
     Generated,
     GenerationRequest,
     InvalidRequest,
@@ -188,7 +188,7 @@ def test_a_real_photo_becomes_a_decodable_mp4_through_the_public_api(
     engine: WanI2V, tmp_path: Path
 ) -> None:
     """prepare_image, generate and encode_mp4 turn a JPEG photo into an H.264 video."""
-    from pipeline import encode_mp4, prepare_image, probe_mp4
+    from i2v_fleet.pipeline import encode_mp4, prepare_image, probe_mp4
 
     photo = Path(__file__).resolve().parents[2] / "examples" / "images" / "grace_hopper.jpg"
     image = prepare_image(photo.read_bytes(), 480, 832)
@@ -213,7 +213,7 @@ def test_out_of_memory_becomes_a_retryable_typed_error(
     engine: WanI2V, small_image: Image.Image, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A device OOM surfaces as OutOfMemory (code out_of_memory) with advice, not a crash."""
-    from pipeline import OutOfMemory
+    from i2v_fleet.pipeline import OutOfMemory
 
     def boom(*args: object, **kwargs: object) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

@@ -12,10 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import images
-from pipeline.errors import ImageInvalid, InvalidRequest
-from pipeline.formats import ALLOWED_NAMES, PICTURE_NAMES, SNIFF_BYTES, format_noun, sniff_format
-from pipeline.images import BACKGROUND, ImageLimits, prepare_image
+from i2v_fleet.pipeline import images
+from i2v_fleet.pipeline.errors import ImageInvalid, InvalidRequest
+from i2v_fleet.pipeline.formats import (
+    ALLOWED_NAMES,
+    PICTURE_NAMES,
+    SNIFF_BYTES,
+    format_noun,
+    sniff_format,
+)
+from i2v_fleet.pipeline.images import BACKGROUND, ImageLimits, prepare_image
 
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.layout import (
+from i2v_fleet.pipeline.layout import (
     LayoutError,
     ModelSizes,
     ParallelLayout,

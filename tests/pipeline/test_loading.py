@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import ModelLoadError, WanI2V, check_checkpoint
+from i2v_fleet.pipeline import ModelLoadError, WanI2V, check_checkpoint
 
 
 @pytest.fixture

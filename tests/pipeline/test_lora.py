@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import Generated, GenerationRequest, ModelLoadError, WanI2V, make_scheduler
-from pipeline.loading import load_components
-from pipeline.lora import LoraSpec, parse_loras
+from i2v_fleet.pipeline import Generated, GenerationRequest, ModelLoadError, WanI2V, make_scheduler
+from i2v_fleet.pipeline.loading import load_components
+from i2v_fleet.pipeline.lora import LoraSpec, parse_loras
 
 from .ranks import run_ranks
 
@@ -197,8 +197,8 @@ def _rank_rows(rank: int, world_size: int, root: str, lora: str, missing: str) -
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    from pipeline.lora import read_loras
-    from pipeline.sharding import load_sharded, transformer_units
+    from i2v_fleet.pipeline.lora import read_loras
+    from i2v_fleet.pipeline.sharding import load_sharded, transformer_units
 
     cpu, fp32 = torch.device("cpu"), torch.float32
     weights = read_loras([LoraSpec(Path(lora))])

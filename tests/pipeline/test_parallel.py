@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.layout import ParallelLayout
+from i2v_fleet.pipeline.layout import ParallelLayout
 
 from .ranks import run_ranks
 
@@ -29,7 +29,7 @@ SIZES = {"even": (64, 64), "padded": (80, 48)}
 def _request(size: str, seed: int = 11) -> Any:
     from PIL import Image
 
-    from pipeline import GenerationRequest
+    from i2v_fleet.pipeline import GenerationRequest
 
     width, height = SIZES[size]
     y, x = np.mgrid[0:height, 0:width]
@@ -50,9 +50,9 @@ def _generate(rank: int, world: int, model: str, cases: list[tuple[ParallelLayou
     """On each rank: load the engine for every layout in turn and make one video each."""
     import torch
 
-    from pipeline import WanI2V
-    from pipeline.parallel import Ranks
-    from pipeline.sharding import local_param_bytes
+    from i2v_fleet.pipeline import WanI2V
+    from i2v_fleet.pipeline.parallel import Ranks
+    from i2v_fleet.pipeline.sharding import local_param_bytes
 
     results = []
     for layout, size in cases:
@@ -84,7 +84,7 @@ def _layouts(world: int) -> list[tuple[ParallelLayout, str]]:
 @pytest.fixture(scope="module")
 def four_heads(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with 4 attention heads (of 8), so Ulysses 4 divides them."""
-    from pipeline import write_tiny_model
+    from i2v_fleet.pipeline import write_tiny_model
 
     heads = {"num_attention_heads": 4, "attention_head_dim": 8, "added_kv_proj_dim": 32}
     return write_tiny_model(tmp_path_factory.mktemp("tiny4"), transformer=heads)
@@ -93,7 +93,7 @@ def four_heads(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def engine(four_heads: Path) -> Any:
     """World size 1: the engine every layout is compared with."""
-    from pipeline import WanI2V
+    from i2v_fleet.pipeline import WanI2V
 
     return WanI2V.load(four_heads, device="cpu")
 
@@ -110,7 +110,7 @@ def test_every_layout_makes_the_frames_of_one_rank(
 ) -> None:
     cases = _layouts(world)
     per_rank = run_ranks(_generate, world, str(four_heads), cases, timeout_s=600)
-    from pipeline.sharding import local_param_bytes
+    from i2v_fleet.pipeline.sharding import local_param_bytes
 
     full_bytes = local_param_bytes(engine.c.transformer)
     for i, (layout, size) in enumerate(cases):
@@ -134,9 +134,9 @@ def _generate_cached(rank: int, world: int, model: str, threshold: float) -> Any
     """On each rank: the sharded engine (DIT_FSDP) with the first-block cache."""
     import torch
 
-    from pipeline import WanI2V
-    from pipeline.parallel import Ranks
-    from pipeline.request import FirstBlockCacheSpec
+    from i2v_fleet.pipeline import WanI2V
+    from i2v_fleet.pipeline.parallel import Ranks
+    from i2v_fleet.pipeline.request import FirstBlockCacheSpec
 
     layout = ParallelLayout(nproc=world, ulysses_size=world, dit_fsdp=True)
     ranks = Ranks.within(layout, torch.device("cpu"), timeout_s=60)
@@ -152,7 +152,7 @@ def test_the_first_block_cache_runs_on_sharded_blocks(four_heads: Path, engine: 
     """FSDP2 renames the block class, which diffusers' cache hooks did not know: the
     first-block cache on DIT_FSDP ranks skips the same steps as one rank, same frames.
     (Also: only rank 0 runs the VAE encode of the condition frames.)"""
-    from pipeline.request import FirstBlockCacheSpec
+    from i2v_fleet.pipeline.request import FirstBlockCacheSpec
 
     threshold = 1.0  # the loosest: most steps reuse the cached residual
     single = engine.generate(replace(_request("even"), cache=FirstBlockCacheSpec(threshold)))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import ModelLoadError, write_tiny_model
-from pipeline.tiny import TINY_IMAGE_DIM, TINY_TEXT_DIM
+from i2v_fleet.pipeline import ModelLoadError, write_tiny_model
+from i2v_fleet.pipeline.tiny import TINY_IMAGE_DIM, TINY_TEXT_DIM
 
 from .ranks import run_ranks
 
@@ -59,7 +59,7 @@ def unsharded(tiny_root: Path) -> dict[str, Any]:
     from diffusers import WanTransformer3DModel
     from transformers import UMT5EncoderModel
 
-    from pipeline.sharding import local_param_bytes
+    from i2v_fleet.pipeline.sharding import local_param_bytes
 
     dit = WanTransformer3DModel.from_pretrained(tiny_root / "transformer", dtype=torch.float32)
     text = UMT5EncoderModel.from_pretrained(tiny_root / "text_encoder", dtype=torch.float32)
@@ -88,7 +88,7 @@ def _rank_checks(rank: int, world_size: int, root: str) -> dict[str, Any]:
     from diffusers import WanTransformer3DModel
     from transformers import UMT5EncoderModel
 
-    from pipeline.sharding import (
+    from i2v_fleet.pipeline.sharding import (
         load_sharded,
         local_param_bytes,
         text_encoder_units,
@@ -164,7 +164,7 @@ def test_pickled_weights_are_refused_before_any_rank_work(tmp_path: Path) -> Non
     """No process group here: the refusal comes before the model is even built."""
     from transformers import UMT5EncoderModel
 
-    from pipeline.sharding import load_sharded, text_encoder_units
+    from i2v_fleet.pipeline.sharding import load_sharded, text_encoder_units
 
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"")

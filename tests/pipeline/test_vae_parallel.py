@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline import vae_parallel
-from pipeline.tiny import tiny_vae
+from i2v_fleet.pipeline import vae_parallel
+from i2v_fleet.pipeline.tiny import tiny_vae
 
 from .ranks import run_ranks
 

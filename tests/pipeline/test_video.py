@@ -13,8 +13,8 @@ import pytest
 from numpy.typing import NDArray
 from PIL import Image
 
-from pipeline.errors import InvalidRequest, VideoEncodingError
-from pipeline.video import encode_mp4, probe_mp4, write_poster
+from i2v_fleet.pipeline.errors import InvalidRequest, VideoEncodingError
+from i2v_fleet.pipeline.video import encode_mp4, probe_mp4, write_poster
 
 
 def _gradient(num_frames: int, height: int, width: int) -> NDArray[np.uint8]:
@@ -165,7 +165,7 @@ def test_a_video_encoded_as_frames_arrive_is_the_same_video(
     for one whole encode (measured: 2-3 distinct files in 30 identical encodes, threads=1
     or not), so the test compares what a viewer gets.
     """
-    from pipeline.video import BackgroundMp4, Mp4Stream
+    from i2v_fleet.pipeline.video import BackgroundMp4, Mp4Stream
 
     frames = _gradient(9, 48, 64)
     whole = tmp_path / "whole.mp4"
@@ -189,7 +189,7 @@ def test_a_video_encoded_as_frames_arrive_is_the_same_video(
 
 
 def test_an_aborted_stream_leaves_no_file(tmp_path: Path) -> None:
-    from pipeline.video import BackgroundMp4
+    from i2v_fleet.pipeline.video import BackgroundMp4
 
     path = tmp_path / "stopped.mp4"
     worker = BackgroundMp4(path, 16)

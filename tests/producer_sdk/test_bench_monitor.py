@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter
 
-from producer_sdk.cli.bench import TIMED_OUT, BenchSpec, percentiles, run_bench
-from producer_sdk.cli.monitor import job_counters, memory_pct
-from producer_sdk.devstack import free_port
-from producer_sdk.testing import FakeWorker, MemoryTransport, Outcome
-from schemas import ErrorInfo, TopicNames
+from i2v_fleet.producer_sdk.cli.bench import TIMED_OUT, BenchSpec, percentiles, run_bench
+from i2v_fleet.producer_sdk.cli.monitor import job_counters, memory_pct
+from i2v_fleet.producer_sdk.devstack import free_port
+from i2v_fleet.producer_sdk.testing import FakeWorker, MemoryTransport, Outcome
+from i2v_fleet.schemas import ErrorInfo, TopicNames
 from tests.conftest import Cluster, run_worker
 
 PHOTO = Path(__file__).resolve().parents[2] / "examples" / "images" / "grace_hopper.jpg"
@@ -200,7 +200,7 @@ def test_percentiles_and_node_readings() -> None:
     }
     assert percentiles([])["p50"] is None
     prometheus = pytest.importorskip("prometheus_client")
-    from consumer.metrics import Metrics
+    from i2v_fleet.consumer.metrics import Metrics
 
     m = Metrics()
     m.ended("succeeded")

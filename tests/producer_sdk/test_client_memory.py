@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from producer_sdk import AsyncClient, I2VError, InvalidJob, JobFailed
-from producer_sdk.testing import FakeWorker, MemoryTransport, Outcome
-from schemas import ErrorInfo, ProgressEvent
+from i2v_fleet.producer_sdk import AsyncClient, I2VError, InvalidJob, JobFailed
+from i2v_fleet.producer_sdk.testing import FakeWorker, MemoryTransport, Outcome
+from i2v_fleet.schemas import ErrorInfo, ProgressEvent
 
 PHOTO = Path(__file__).resolve().parents[2] / "examples" / "images" / "grace_hopper.jpg"
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from pipeline import probe_mp4
-from producer_sdk import (
+from i2v_fleet.pipeline import probe_mp4
+from i2v_fleet.producer_sdk import (
     AsyncClient,
     JobCancelled,
     JobFailed,
@@ -18,7 +18,7 @@ from producer_sdk import (
     WaitTimeout,
     partition_for,
 )
-from schemas import ProgressEvent, TopicNames
+from i2v_fleet.schemas import ProgressEvent, TopicNames
 
 pytestmark = [pytest.mark.kafka, pytest.mark.minio, pytest.mark.slow]
 
@@ -172,7 +172,7 @@ def test_cli_exit_codes_and_json(worker: Any, cluster: Any, worker_topics: Topic
     """Scripts can tell failure (1), bad input (2) and cancel (3) apart, and read --json."""
     from typer.testing import CliRunner
 
-    from producer_sdk.cli import app
+    from i2v_fleet.producer_sdk.cli import app
 
     runner, env = CliRunner(), _cli_env(cluster, worker_topics)
     failed = runner.invoke(
@@ -230,7 +230,7 @@ def test_the_sync_client_follows_a_job(
     worker: Any, cluster: Any, worker_topics: TopicNames
 ) -> None:
     """Client (no event loop needed) submits, watches and waits like AsyncClient."""
-    from producer_sdk import Client
+    from i2v_fleet.producer_sdk import Client
 
     with Client(kafka=cluster.kafka, topics=worker_topics) as client:
         job = client.submit(PHOTO, prompt="p", **CHEAP)
@@ -247,7 +247,7 @@ async def test_a_large_local_image_goes_through_the_object_store(
     import numpy as np
     from PIL import Image
 
-    from producer_sdk import InvalidJob
+    from i2v_fleet.producer_sdk import InvalidJob
 
     big = tmp_path / "noise.png"
     pixels = np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from producer_sdk.admin import create_topics, list_topics
-from producer_sdk.cli import app
-from producer_sdk.devstack import DevStack, free_port
-from producer_sdk.settings import KafkaSettings
-from schemas import TopicNames, topic_specs
+from i2v_fleet.producer_sdk.admin import create_topics, list_topics
+from i2v_fleet.producer_sdk.cli import app
+from i2v_fleet.producer_sdk.devstack import DevStack, free_port
+from i2v_fleet.producer_sdk.settings import KafkaSettings
+from i2v_fleet.schemas import TopicNames, topic_specs
 from tests.conftest import Cluster
 
 pytestmark = [pytest.mark.kafka, pytest.mark.minio, pytest.mark.slow]

@@ -15,12 +15,12 @@ import pytest
 from minio import Minio
 from typer.testing import CliRunner
 
-from producer_sdk.admin import TopicOutcome, create_topics, list_topics
-from producer_sdk.cli import app
-from producer_sdk.devstack import DevStack, StackConfig, free_port
-from producer_sdk.errors import DevStackError
-from producer_sdk.settings import KafkaSettings, ObjectStoreSettings
-from schemas import JOB_REQUEST_ADAPTER, JobRequest, TopicNames, topic_specs
+from i2v_fleet.producer_sdk.admin import TopicOutcome, create_topics, list_topics
+from i2v_fleet.producer_sdk.cli import app
+from i2v_fleet.producer_sdk.devstack import DevStack, StackConfig, free_port
+from i2v_fleet.producer_sdk.errors import DevStackError
+from i2v_fleet.producer_sdk.settings import KafkaSettings, ObjectStoreSettings
+from i2v_fleet.schemas import JOB_REQUEST_ADAPTER, JobRequest, TopicNames, topic_specs
 from tests.conftest import Cluster
 
 

@@ -18,13 +18,13 @@ def test_sdk_dependencies_do_not_pull_torch() -> None:
     for heavy in ("torch", "diffusers", "transformers", "minio"):
         assert heavy not in base
     assert {"worker", "npu", "dev", "s3"} <= set(project["optional-dependencies"])
-    assert project["scripts"]["i2v"] == "producer_sdk.cli:main"
+    assert project["scripts"]["i2v"] == "i2v_fleet.producer_sdk.cli:main"
 
 
 def test_importing_the_sdk_and_cli_loads_no_heavy_module() -> None:
-    """`import producer_sdk`, `schemas` and the CLI leave torch and friends unimported."""
+    """Importing the SDK, the contract and the CLI leaves torch and friends unimported."""
     code = (
-        "import sys, producer_sdk, schemas, producer_sdk.cli; "
+        "import sys, i2v_fleet.producer_sdk, i2v_fleet.schemas, i2v_fleet.producer_sdk.cli; "
         "heavy = {'torch', 'diffusers', 'transformers', 'minio', 'moto'} & set(sys.modules); "
         "print(sorted(heavy))"
     )

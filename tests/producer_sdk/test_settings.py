@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from producer_sdk import KafkaSettings, MissingExtra, ObjectStoreSettings, TopicSettings
-from producer_sdk._extras import require_extra
+from i2v_fleet.producer_sdk import KafkaSettings, MissingExtra, ObjectStoreSettings, TopicSettings
+from i2v_fleet.producer_sdk._extras import require_extra
 
 
 def test_kafka_settings_read_the_documented_variables(monkeypatch: pytest.MonkeyPatch) -> None:

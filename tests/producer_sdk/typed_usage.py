@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from uuid import UUID
 
-from producer_sdk import (
+from i2v_fleet.producer_sdk import (
     AsyncClient,
     Client,
     I2VError,
@@ -20,7 +20,7 @@ from producer_sdk import (
     QueueDepth,
     WaitTimeout,
 )
-from schemas import JobResult, JobState, NodeInfo, ProgressEvent
+from i2v_fleet.schemas import JobResult, JobState, NodeInfo, ProgressEvent
 
 
 async def submit_and_wait(photo: Path) -> str | None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from schemas import ImageSize, QualityPreset, SampleSolver
+from i2v_fleet.schemas import ImageSize, QualityPreset, SampleSolver
 
 text = st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=80)
 

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from producer_sdk.cli import app
-from schemas import JobRequest, TopicNames
-from schemas.asyncapi import asyncapi_document
+from i2v_fleet.producer_sdk.cli import app
+from i2v_fleet.schemas import JobRequest, TopicNames
+from i2v_fleet.schemas.asyncapi import asyncapi_document
 
 
 def _refs(node: Any) -> list[str]:

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from schemas import (
+from i2v_fleet.schemas import (
     CANCEL_ADAPTER,
     JOB_EVENT_ADAPTER,
     NODE_INFO_ADAPTER,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 
-from schemas import (
+from i2v_fleet.schemas import (
     DISTILLED_PRESETS,
     NODE_INFO_ADAPTER,
     ErrorCode,

@@ -7,7 +7,7 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("package", ["schemas", "producer_sdk"])
+@pytest.mark.parametrize("package", ["i2v_fleet", "i2v_fleet.schemas", "i2v_fleet.producer_sdk"])
 def test_all_is_sorted_and_importable(package: str) -> None:
     """Everything in `__all__` exists, and the list is kept in a stable order."""
     module = importlib.import_module(package)
@@ -22,7 +22,7 @@ def test_all_is_sorted_and_importable(package: str) -> None:
 
 def test_public_names_are_all_exported() -> None:
     """Every public name bound in `schemas` is in `__all__` (nothing public by accident)."""
-    import schemas
+    from i2v_fleet import schemas
 
     public = {
         n
@@ -37,7 +37,7 @@ def test_schemas_imports_only_pydantic() -> None:
     import ast
     from pathlib import Path
 
-    import schemas
+    from i2v_fleet import schemas
 
     allowed = {"pydantic", "__future__"}
     for path in Path(schemas.__file__).parent.glob("*.py"):

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from schemas import (
+from i2v_fleet.schemas import (
     JOB_REQUEST_ADAPTER,
     MAX_BASE64_IMAGE_BYTES,
     AttentionCache,
@@ -105,7 +105,7 @@ def test_mutated_requests_are_refused_naming_the_field(
 
 def test_refusals_fit_an_error_message_whatever_the_input() -> None:
     """Names and keys from the input are escaped and cut, so the refusal itself is valid."""
-    from schemas import ErrorCode, ErrorInfo
+    from i2v_fleet.schemas import ErrorCode, ErrorInfo
 
     hostile = _minimal(metadata={"\x1b[31m" * 500: "v"}) | {"\x00" + "n" * 9000: 1}
     message = _refusal(hostile)
