@@ -47,12 +47,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from i2v_fleet.producer_sdk.devstack import DevStack, StackConfig, free_port
-from i2v_fleet.schemas import JOB_EVENT_ADAPTER, JobRequest, TopicNames
+from i2v_fleet.connection import free_port
+from i2v_fleet.producer_sdk.devstack import DevStack, StackConfig
+from i2v_fleet.schemas import JOB_EVENT_ADAPTER, EventType, JobRequest, TopicNames
 
 MiB = 1024 * 1024
 PHOTO = Path(__file__).resolve().parents[1] / "examples" / "images" / "grace_hopper.jpg"
-FINAL_TYPES = {"succeeded", "failed", "cancelled"}
 
 
 # -- the stream ---------------------------------------------------------------------------
@@ -384,7 +384,7 @@ def _follow(value: bytes, valid_ids: set[str], kind_of: dict[str, str], out: Out
         event = JOB_EVENT_ADAPTER.validate_json(value)
     except ValueError:
         return
-    if event.type not in FINAL_TYPES:
+    if not EventType(event.type).is_terminal():
         return
     job_id = str(event.job_id)
     code = getattr(getattr(event, "error", None), "code", None)

@@ -13,7 +13,9 @@ ULYSSES_SIZE divides 40 in every preset.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from i2v_fleet.pipeline.layout import ParallelLayout
 
 NODE_CARDS = 8
 MODEL_HEADS = 40
@@ -45,17 +47,20 @@ class Preset:
         return self.worker.get("T5_CPU") == "true"
 
 
-def _layout(lanes: int, nproc: int, ulysses: int, cfg: int) -> dict[str, str]:
+_ALL_CARDS = ParallelLayout(nproc=8, ulysses_size=8, cfg_size=1, dit_fsdp=True, vae_parallel=True)
+"""The seed's default layout: Ulysses 8 over the 40 heads, the DiT sharded, split VAE decode."""
+
+
+def _layout(lanes: int, layout: ParallelLayout) -> dict[str, str]:
+    """LANES and every field of one lane's layout, as the variables WorkerSettings reads."""
+    return _env(lanes=lanes, **layout.as_fields())
+
+
+def _env(**values: int | bool) -> dict[str, str]:
     return {
-        "LANES": str(lanes),
-        "NPROC": str(nproc),
-        "ULYSSES_SIZE": str(ulysses),
-        "CFG_SIZE": str(cfg),
+        name.upper(): ("true" if value else "false") if isinstance(value, bool) else str(value)
+        for name, value in values.items()
     }
-
-
-def _flags(**flags: bool) -> dict[str, str]:
-    return {name.upper(): "true" if on else "false" for name, on in flags.items()}
 
 
 PRESETS: dict[str, Preset] = {
@@ -71,14 +76,8 @@ PRESETS: dict[str, Preset] = {
             ),
             seed_concurrency=1,
             worker={
-                **_layout(lanes=1, nproc=1, ulysses=1, cfg=1),
-                **_flags(
-                    t5_cpu=True,
-                    dit_fsdp=False,
-                    t5_fsdp=False,
-                    vae_parallel=False,
-                    use_attention_cache=False,
-                ),
+                **_layout(1, ParallelLayout(nproc=1, t5_cpu=True)),
+                **_env(use_attention_cache=False),
                 "TASK_TIMEOUT": "3600",
             },
             npu={"ASCEND_GLOBAL_LOG_LEVEL": "0"},
@@ -95,14 +94,8 @@ PRESETS: dict[str, Preset] = {
             ),
             seed_concurrency=5,
             worker={
-                **_layout(lanes=1, nproc=8, ulysses=8, cfg=1),
-                **_flags(
-                    t5_cpu=False,
-                    dit_fsdp=True,
-                    t5_fsdp=False,
-                    vae_parallel=True,
-                    use_attention_cache=True,
-                ),
+                **_layout(1, _ALL_CARDS),
+                **_env(use_attention_cache=True),
                 "TASK_TIMEOUT": "1800",
             },
         ),
@@ -118,14 +111,8 @@ PRESETS: dict[str, Preset] = {
             ),
             seed_concurrency=2,
             worker={
-                **_layout(lanes=2, nproc=4, ulysses=4, cfg=1),
-                **_flags(
-                    t5_cpu=True,
-                    dit_fsdp=True,
-                    t5_fsdp=False,
-                    vae_parallel=True,
-                    use_attention_cache=False,
-                ),
+                **_layout(2, replace(_ALL_CARDS, nproc=4, ulysses_size=4, t5_cpu=True)),
+                **_env(use_attention_cache=False),
                 "TASK_TIMEOUT": "2400",
             },
             npu={"HCCL_TIMEOUT": "3600"},
@@ -142,14 +129,8 @@ PRESETS: dict[str, Preset] = {
             ),
             seed_concurrency=None,
             worker={
-                **_layout(lanes=1, nproc=8, ulysses=8, cfg=1),
-                **_flags(
-                    t5_cpu=False,
-                    dit_fsdp=True,
-                    t5_fsdp=False,
-                    vae_parallel=True,
-                    use_attention_cache=False,
-                ),
+                **_layout(1, _ALL_CARDS),
+                **_env(use_attention_cache=False),
                 "TASK_TIMEOUT": "3600",
             },
         ),
@@ -165,14 +146,8 @@ PRESETS: dict[str, Preset] = {
             ),
             seed_concurrency=1,
             worker={
-                **_layout(lanes=1, nproc=8, ulysses=8, cfg=1),
-                **_flags(
-                    t5_cpu=True,
-                    dit_fsdp=True,
-                    t5_fsdp=False,
-                    vae_parallel=True,
-                    use_attention_cache=False,
-                ),
+                **_layout(1, replace(_ALL_CARDS, t5_cpu=True)),
+                **_env(use_attention_cache=False),
                 "TASK_TIMEOUT": "7200",
                 "COLLECTIVE_TIMEOUT_S": "1800",
                 "ENGINE_STALL_TIMEOUT": "1800",

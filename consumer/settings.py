@@ -1,6 +1,7 @@
 """The node's settings, read once from the environment at the process edge.
 
-Owns every variable of DESIGN section 9 that a node reads, with the seed's defaults.
+Owns every variable of DESIGN section 9 that a node reads, with the seed's defaults; the
+KAFKA_*, I2V_TOPIC_* and MINIO_* ones through `i2v_fleet.connection`, shared with the SDK.
 Must never be read deep inside the service: `i2v worker` builds it and passes it down.
 """
 
@@ -10,12 +11,36 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
+from i2v_fleet.connection import KafkaSettings, ObjectStoreSettings, TopicSettings
 from i2v_fleet.pipeline.layout import ParallelLayout
 from i2v_fleet.schemas import TopicNames
 from i2v_fleet.schemas.topics import REAPERS_GROUP, WORKERS_GROUP
+
+_SHARED: dict[str, type[BaseSettings]] = {
+    "kafka": KafkaSettings,
+    "object_store": ObjectStoreSettings,
+    "topics": TopicSettings,
+}
+"""The fields that hold connection settings shared with the SDK, and the class reading each."""
+
+
+class _OwnVariables(EnvSettingsSource):
+    """The environment, for the node's own fields: the shared ones read their prefixed
+    variables themselves, so a variable named KAFKA, TOPICS or OBJECT_STORE is nobody's."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        if field_name in _SHARED:
+            return None, field_name, False
+        return super().get_field_value(field, field_name)
 
 
 class WorkerSettings(BaseSettings):
@@ -105,6 +130,17 @@ class WorkerSettings(BaseSettings):
         "",
         description="Testing only: name[=probability],... of points where the node kills itself.",
     )
+    standin_engine: str = Field(
+        "",
+        description=(
+            "Testing only: run a stand-in engine instead of the model, one behaviour per job "
+            "(sleep:S, fail:CODE[/retryable], die, stall:S; the last repeats). Refused unless "
+            "I2V_TEST_TOOLS=true."
+        ),
+    )
+    i2v_test_tools: bool = Field(
+        False, description="Allow the test tools (STANDIN_ENGINE). Never set on a real node."
+    )
     engine_stall_timeout: float = Field(600.0, gt=0)
     engine_start_timeout: float = Field(1800.0, gt=0)
     allowed_hosts: str = "*"
@@ -119,16 +155,14 @@ class WorkerSettings(BaseSettings):
     server_port: int = Field(8088, ge=0, le=65535)
     node_info_interval_s: float = Field(30.0, gt=0)
 
-    # -- Kafka -----------------------------------------------------------------------------
-    kafka_bootstrap_servers: str = "localhost:9092"
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
-    kafka_sasl_username: str | None = None
-    kafka_sasl_password: SecretStr | None = None
-    kafka_ssl_cafile: str | None = None
-    kafka_ssl_certfile: str | None = None
-    kafka_ssl_keyfile: str | None = None
-    kafka_ssl_password: SecretStr | None = None
+    # -- Kafka: the connection (KAFKA_*, I2V_TOPIC_*) is the SDK's; the group tuning the node's --
+    kafka: KafkaSettings = Field(
+        default_factory=KafkaSettings,
+        description="KAFKA_BOOTSTRAP_SERVERS, KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*, KAFKA_SSL_*.",
+    )
+    topics: TopicNames = Field(
+        default_factory=lambda: TopicSettings().names(), description="I2V_TOPIC_<ROLE>."
+    )
     kafka_heartbeat_interval_ms: int = Field(500, ge=100)
     kafka_session_timeout_ms: int = Field(10000, ge=1000)
     kafka_max_poll_interval_ms: int = Field(300000, ge=1000)
@@ -148,31 +182,50 @@ class WorkerSettings(BaseSettings):
             "node stops anyway and leaves the job to its lease (s; 3 s while the broker is lost)."
         ),
     )
-    i2v_topic_requests: str = TopicNames().requests
-    i2v_topic_status: str = TopicNames().status
-    i2v_topic_progress: str = TopicNames().progress
-    i2v_topic_control: str = TopicNames().control
-    i2v_topic_dlq: str = TopicNames().dlq
-    i2v_topic_nodes: str = TopicNames().nodes
     workers_group: str = WORKERS_GROUP
     reapers_group: str = REAPERS_GROUP
 
     # -- object store ----------------------------------------------------------------------
-    minio_endpoint: str = "localhost:9000"
-    minio_access_key: str = "minioadmin"
-    minio_secret_key: SecretStr = SecretStr("minioadmin")
-    minio_bucket: str = "i2v-videos"
-    minio_secure: bool = False
-    minio_ca_file: str | None = Field(
-        None,
-        description=(
-            "PEM bundle of the CAs that may sign the store's certificate, for a private CA "
-            "(empty: the system's CAs)."
-        ),
+    object_store: ObjectStoreSettings = Field(
+        default_factory=ObjectStoreSettings,
+        description="MINIO_ENDPOINT, MINIO_ACCESS_KEY, MINIO_SECRET_KEY, MINIO_BUCKET, ...",
     )
-    minio_region: str | None = None
     output_retention_days: int | None = Field(None, ge=1)
     presign_expiry_s: int = Field(7 * 24 * 3600, ge=1, le=7 * 24 * 3600)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _OwnVariables(settings_cls), dotenv_settings, file_secret_settings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_by_flat_names(cls, data: Any) -> Any:
+        """Names spelled as in the environment (`kafka_bootstrap_servers=`, `minio_bucket=`,
+        `i2v_topic_status=`) set the shared settings, instead of being silently ignored."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for field, shared in _SHARED.items():
+            prefix = str(shared.model_config.get("env_prefix", "")).lower()
+            flat = {
+                key.lower().removeprefix(prefix): data.pop(key)
+                for key in list(data)
+                if key.lower().startswith(prefix)
+                and key.lower().removeprefix(prefix) in shared.model_fields
+            }
+            if flat:
+                given = data.get(field) or {}
+                base = given.model_dump() if isinstance(given, BaseModel) else dict(given)
+                built = shared(**(base | flat))
+                data[field] = built.names() if isinstance(built, TopicSettings) else built
+        return data
 
     @field_validator("attention_backend")
     @classmethod
@@ -199,6 +252,19 @@ class WorkerSettings(BaseSettings):
 
         parse_sizes(value)  # ValueError names the bad entry
         return value
+
+    @model_validator(mode="after")
+    def _test_tools_only_when_allowed(self) -> WorkerSettings:
+        if self.standin_engine and not self.i2v_test_tools:
+            raise ValueError(
+                "STANDIN_ENGINE replaces the model with a test tool; a node runs it only with "
+                "I2V_TEST_TOOLS=true (never on a real node): unset STANDIN_ENGINE"
+            )
+        if self.standin_engine:
+            from .engine.standin import parse
+
+            parse(self.standin_engine)  # ValueError names the behaviour it does not know
+        return self
 
     @model_validator(mode="after")
     def _heartbeat_inside_lease(self) -> WorkerSettings:
@@ -240,39 +306,42 @@ class WorkerSettings(BaseSettings):
             }
         )
 
-    @property
-    def topics(self) -> TopicNames:
-        return TopicNames(
-            requests=self.i2v_topic_requests,
-            status=self.i2v_topic_status,
-            progress=self.i2v_topic_progress,
-            control=self.i2v_topic_control,
-            dlq=self.i2v_topic_dlq,
-            nodes=self.i2v_topic_nodes,
-        )
-
     def kafka_kwargs(self) -> dict[str, Any]:
-        """Connection arguments for every aiokafka client of the node."""
-        kwargs: dict[str, Any] = {
-            "bootstrap_servers": self.kafka_bootstrap_servers.split(","),
-            "client_id": f"i2v-worker-{self.node_id}",
-            "security_protocol": self.kafka_security_protocol,
-        }
-        if self.kafka_security_protocol in {"SSL", "SASL_SSL"}:
-            from aiokafka.helpers import create_ssl_context
+        """Connection arguments for every aiokafka client of the node (the SDK's, named
+        after this node)."""
+        return {**self.kafka.client_kwargs(), "client_id": f"i2v-worker-{self.node_id}"}
 
-            kwargs["ssl_context"] = create_ssl_context(
-                cafile=self.kafka_ssl_cafile,
-                certfile=self.kafka_ssl_certfile,
-                keyfile=self.kafka_ssl_keyfile,
-                password=(
-                    self.kafka_ssl_password.get_secret_value() if self.kafka_ssl_password else None
-                ),
-            )
-        if self.kafka_security_protocol.startswith("SASL"):
-            kwargs["sasl_mechanism"] = self.kafka_sasl_mechanism
-            kwargs["sasl_plain_username"] = self.kafka_sasl_username
-            kwargs["sasl_plain_password"] = (
-                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
-            )
-        return kwargs
+    # -- the flat names of before i2v_fleet.connection, for consumer/worker.py and
+    # consumer/ops.py until they read `object_store` and `kafka` themselves ----------------
+
+    @property
+    def kafka_bootstrap_servers(self) -> str:
+        return self.kafka.bootstrap_servers
+
+    @property
+    def minio_endpoint(self) -> str:
+        return self.object_store.endpoint
+
+    @property
+    def minio_access_key(self) -> str:
+        return self.object_store.access_key
+
+    @property
+    def minio_secret_key(self) -> SecretStr:
+        return self.object_store.secret_key
+
+    @property
+    def minio_bucket(self) -> str:
+        return self.object_store.bucket
+
+    @property
+    def minio_secure(self) -> bool:
+        return self.object_store.secure
+
+    @property
+    def minio_ca_file(self) -> str | None:
+        return self.object_store.ca_file
+
+    @property
+    def minio_region(self) -> str | None:
+        return self.object_store.region

@@ -32,6 +32,7 @@ from pydantic import TypeAdapter, ValidationError
 from pydantic_core import to_json
 from urllib3.exceptions import HTTPError, LocationValueError, SSLError
 
+from i2v_fleet.connection import ObjectStoreSettings
 from i2v_fleet.schemas import JobResult, safe_text, utcnow
 
 from .errors import ImageFetchFailed, StorageFailed
@@ -87,7 +88,8 @@ _JSON_OBJECT: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
 
 @dataclass(frozen=True, kw_only=True)
 class StoreConfig:
-    """How to reach the store and how patiently. Built once at the process edge."""
+    """How to reach the store and how patiently. Built once at the process edge, from the
+    MINIO_* settings (`from_settings`): the connection fields below are theirs, resolved."""
 
     endpoint: str
     """host:port, no scheme."""
@@ -119,6 +121,21 @@ class StoreConfig:
             raise ValueError("retries and backoff_s must be >= 0 and max_image_bytes >= 1")
         if self.retention_days is not None and self.retention_days < 1:
             raise ValueError(f"retention_days must be at least 1; got {self.retention_days}")
+
+    @classmethod
+    def from_settings(cls, store: ObjectStoreSettings, **patience: Any) -> StoreConfig:
+        """The store that MINIO_* names; `patience` sets the other fields (presign_expiry_s,
+        retention_days, retries, timeouts, ...)."""
+        return cls(
+            endpoint=store.endpoint,
+            access_key=store.access_key,
+            secret_key=store.secret_key.get_secret_value(),
+            bucket=store.bucket,
+            secure=store.secure,
+            ca_file=store.ca_file or None,
+            region=store.region,
+            **patience,
+        )
 
 
 class ResultKeys(NamedTuple):

@@ -6,7 +6,7 @@ work instead, and the per-card weight memory of a layout. Pure: no torch, no I/O
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from .errors import PipelineError
 
@@ -27,6 +27,12 @@ class ParallelLayout:
     t5_fsdp: bool = False
     t5_cpu: bool = False
     vae_parallel: bool = False
+
+    def as_fields(self) -> dict[str, int | bool]:
+        """The layout as the node settings of the same names (NPROC, ULYSSES_SIZE, ... in
+        lower case), in one place for every copy of it: the node's `schemas.Layout`, the
+        env files of `i2v config` and the engine's config."""
+        return asdict(self)
 
     def check(self, num_heads: int) -> None:
         """Refuse what cannot run, naming the settings that would (raises LayoutError)."""

@@ -1,9 +1,9 @@
 """Load Wan2.1 I2V from MODEL_CKPT_DIR in the diffusers layout, safetensors only.
 
-Owns checking the directory (every part present, no pickled weights), placing each
-component on its device and dtype, and calling in MODEL_LORAS (pipeline.lora) to be fused
-into the transformer as it loads. Must never unpickle: pickled weights are refused
-before any loader sees the directory.
+Owns placing each component on its device and dtype, choosing whole or FSDP-sharded loading
+(pipeline.sharding), and calling in MODEL_LORAS (pipeline.lora) to be fused into the
+transformer as it loads. Must never unpickle: the directory is checked (pipeline.checkpoint:
+every part present, no pickled weights) before any loader sees it.
 """
 
 from __future__ import annotations
@@ -16,23 +16,15 @@ from typing import Any
 
 import torch
 
+from .checkpoint import check_checkpoint, read_json
 from .devices import DeviceKind, default_dtype, detect_kind
 from .errors import ModelLoadError
 from .lora import LoraSpec, LoraWeights, fuse, read_loras
+from .sharding import load_sharded, text_encoder_units, transformer_units
+
+__all__ = ["WanComponents", "check_checkpoint", "load_components"]
 
 log = logging.getLogger(__name__)
-
-WEIGHT_PARTS = ("transformer", "vae", "text_encoder", "image_encoder")
-"""Subfolders that hold weights (`*.safetensors`, possibly sharded with an index)."""
-
-CONFIG_PARTS = {
-    "tokenizer": ("tokenizer_config.json",),
-    "image_processor": ("preprocessor_config.json",),
-    "scheduler": ("scheduler_config.json",),
-}
-"""Subfolders that hold only configuration, with the file each must contain."""
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 @dataclass
@@ -52,36 +44,6 @@ class WanComponents:
     path: Path
 
 
-def check_checkpoint(path: str | Path) -> Path:
-    """Raise `ModelLoadError` naming the first missing part or pickled file; return the path."""
-    root = Path(path)
-    if not root.is_dir():
-        raise ModelLoadError(
-            f"MODEL_CKPT_DIR {root} is not a directory; point it at a download of "
-            "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers (or run `i2v model tiny --out DIR`)"
-        )
-    for part in WEIGHT_PARTS:
-        folder = root / part
-        if not folder.is_dir():
-            raise ModelLoadError(f"MODEL_CKPT_DIR {root} has no {part}/ folder")
-        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickled:
-            raise ModelLoadError(
-                f"{folder} holds pickled weights ({', '.join(pickled)}); only safetensors "
-                "are loaded, because unpickling can run code. Convert them to safetensors "
-                "and remove the pickled files"
-            )
-        if not any(folder.glob("*.safetensors")):
-            raise ModelLoadError(f"{folder} has no *.safetensors weights")
-        if not (folder / "config.json").is_file():
-            raise ModelLoadError(f"{folder} has no config.json")
-    for part, files in CONFIG_PARTS.items():
-        for name in files:
-            if not (root / part / name).is_file():
-                raise ModelLoadError(f"MODEL_CKPT_DIR {root} is missing {part}/{name}")
-    return root
-
-
 def load_components(
     path: str | Path,
     *,
@@ -98,8 +60,6 @@ def load_components(
     DIT_FSDP / T5_FSDP shard the transformer / text encoder across the ranks as they load,
     and T5_CPU loads the text encoder on rank 0 only (the others get None). `loras`
     (MODEL_LORAS) are fused into the transformer's weights as it loads (pipeline.lora)."""
-    import json
-
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
@@ -135,9 +95,7 @@ def load_components(
         )
         if adapters and not shard_dit:
             fuse(transformer, adapters)
-        scheduler_config = json.loads(  # noqa: TID251 - a config file, not a message
-            (root / "scheduler" / "scheduler_config.json").read_text()
-        )
+        scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"could not load the model from {root}: {exc}") from exc
     for module in (text_encoder, image_encoder, vae, transformer):
@@ -173,9 +131,5 @@ def _sharded(
     adapters: LoraWeights | None = None,
 ) -> Any:
     """One component sharded across the ranks with FSDP2 as it loads (no full copy)."""
-    from . import sharding
-
-    units = sharding.transformer_units if part == "dit" else sharding.text_encoder_units
-    return sharding.load_sharded(
-        cls, folder, dtype=dtype, device=device, units=units, loras=adapters
-    )
+    units = transformer_units if part == "dit" else text_encoder_units
+    return load_sharded(cls, folder, dtype=dtype, device=device, units=units, loras=adapters)

@@ -16,7 +16,6 @@ collective), under `torch.inference_mode()` or `torch.no_grad()`, in any order.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable, Iterable
@@ -31,8 +30,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from .checkpoint import weight_files
 from .errors import ModelLoadError
-from .loading import PICKLE_SUFFIXES
 from .lora import LoraWeights
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ def load_sharded(
     each rank's own rows as they are read (the adapter's rows for them, never a full delta).
     """
     folder = Path(folder)
-    files = _weight_files(folder)  # refuses pickled weights before anything else
+    files = weight_files(folder)  # refuses pickled weights before anything else
     if not dist.is_initialized():
         raise RuntimeError("load_sharded needs torch.distributed.init_process_group first")
     model, buffers = _empty_model(cls, folder)
@@ -175,26 +174,6 @@ def _restore_buffers(
 
 
 # -- filling shards from safetensors --------------------------------------------------
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    """The folder's safetensors files: those its index names, else every one there."""
-    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickled:
-        raise ModelLoadError(
-            f"{folder} holds pickled weights ({', '.join(pickled)}); only safetensors are "
-            "loaded, because unpickling can run code"
-        )
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if len(indexes) > 1:
-        raise ModelLoadError(f"{folder} has several safetensors indexes: {indexes}")
-    if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]  # noqa: TID251 - a file
-        return [folder / name for name in sorted(set(weight_map.values()))]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{folder} has no *.safetensors weights")
-    return files
 
 
 def _fill_from_files(

@@ -6,6 +6,8 @@ among our packages and never on torch.
 
 from __future__ import annotations
 
+from i2v_fleet.connection import KafkaSettings, ObjectStoreSettings, TopicSettings
+
 from .client import AsyncClient, ClientState, JobHandle, JobStatus, QueueDepth
 from .errors import (
     BrokerError,
@@ -19,7 +21,6 @@ from .errors import (
     TopicsError,
     WaitTimeout,
 )
-from .settings import KafkaSettings, ObjectStoreSettings, TopicSettings
 from .sync import Client
 from .transport import KafkaTransport, Record, Transport, partition_for
 

@@ -26,6 +26,7 @@ from uuid import UUID
 
 from pydantic import ValidationError
 
+from i2v_fleet.connection import KafkaSettings, ObjectStoreSettings, TopicSettings
 from i2v_fleet.schemas import (
     JOB_EVENT_ADAPTER,
     MAX_BASE64_IMAGE_BYTES,
@@ -35,6 +36,7 @@ from i2v_fleet.schemas import (
     CancelledEvent,
     CancelRequest,
     ErrorInfo,
+    EventType,
     FailedEvent,
     JobEvent,
     JobRequest,
@@ -50,7 +52,6 @@ from i2v_fleet.schemas import (
 from i2v_fleet.schemas.topics import HEADER_SCHEMA_VERSION
 
 from .errors import BrokerError, I2VError, InvalidJob, JobCancelled, JobFailed, WaitTimeout
-from .settings import KafkaSettings, ObjectStoreSettings, TopicSettings
 from .transport import KafkaTransport, Transport, partition_for
 
 DEFAULT_LOOKBACK = timedelta(days=1)
@@ -216,7 +217,7 @@ class AsyncClient:
             if record.topic == status:
                 event: JobEvent = JOB_EVENT_ADAPTER.validate_json(record.value)
                 yield event
-                if event.type in {"succeeded", "failed", "cancelled"}:
+                if EventType(event.type).is_terminal():
                     return
             else:
                 yield PROGRESS_ADAPTER.validate_json(record.value)
@@ -269,7 +270,7 @@ class AsyncClient:
                 progress = PROGRESS_ADAPTER.validate_json(record.value)
         if not events:
             return JobStatus(job_id, JobState.QUEUED)
-        final = next((e for e in events if e.type in {"succeeded", "failed", "cancelled"}), None)
+        final = next((e for e in events if EventType(e.type).is_terminal()), None)
         last = final or events[-1]
         state = {
             "succeeded": JobState.SUCCEEDED,

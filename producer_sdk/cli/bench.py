@@ -22,10 +22,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from i2v_fleet.connection import KafkaSettings
 from i2v_fleet.producer_sdk.client import AsyncClient
-from i2v_fleet.producer_sdk.settings import KafkaSettings
 from i2v_fleet.producer_sdk.transport import KafkaTransport, Transport
-from i2v_fleet.schemas import JOB_EVENT_ADAPTER, FailedEvent, SucceededEvent, utcnow
+from i2v_fleet.schemas import JOB_EVENT_ADAPTER, EventType, FailedEvent, SucceededEvent, utcnow
 
 from ._common import err, out
 from .jobs import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, _outcome
@@ -69,7 +69,7 @@ class JobTiming:
             self.node_id = event.node_id
         elif event.type == "requeued":
             self.attempts = max(self.attempts, event.next_attempt)
-        elif event.type in {"succeeded", "failed", "cancelled"}:
+        elif EventType(event.type).is_terminal():
             self.ended, self.outcome = now, event.type
             self.node_id = event.node_id or self.node_id
             if self._started_time is not None:
@@ -220,6 +220,14 @@ def _describe(progress: Progress, task: Any, jobs: dict[str, JobTiming]) -> None
     )
 
 
+def _ended(outcome: str) -> bool:
+    """True for an outcome that is a final event's type (not `pending`, not TIMED_OUT)."""
+    try:
+        return EventType(outcome).is_terminal()
+    except ValueError:
+        return False
+
+
 def percentiles(values: Sequence[float]) -> dict[str, float | int | None]:
     """p50/p90/p99/max/mean of `values`, linearly interpolated between ranks (numpy's default)."""
     xs = sorted(values)
@@ -248,7 +256,7 @@ def _report(
     for r in rows:
         for name, seconds in r["phases_s"].items():
             phases.setdefault(name, []).append(seconds)
-    finished = sum(n for k, n in outcomes.items() if k in {"succeeded", "failed", "cancelled"})
+    finished = sum(n for k, n in outcomes.items() if _ended(k))
     return {
         "run_id": run_id,
         "began_at": began_at,

@@ -23,12 +23,12 @@ import urllib3
 from minio import Minio
 from pydantic import SecretStr
 
+from i2v_fleet.connection import ObjectStoreSettings, free_port
 from i2v_fleet.consumer.errors import StorageFailed
 from i2v_fleet.consumer.settings import WorkerSettings
 from i2v_fleet.consumer.storage import ResultStore, StoreConfig
 from i2v_fleet.producer_sdk.client import _image_source
-from i2v_fleet.producer_sdk.devstack import DevStack, StackConfig, free_port
-from i2v_fleet.producer_sdk.settings import ObjectStoreSettings
+from i2v_fleet.producer_sdk.devstack import DevStack, StackConfig
 from i2v_fleet.schemas import MAX_BASE64_IMAGE_BYTES
 
 pytestmark = pytest.mark.minio
@@ -138,18 +138,18 @@ def _download(url: str, stack: DevStack) -> bytes:
 
 
 def _config(stack: DevStack, **overrides: Any) -> StoreConfig:
+    """The store's config as a node builds it from its MINIO_* settings (`overrides`)."""
     c = stack.config
     fields: dict[str, Any] = {
         "endpoint": c.s3_endpoint,
         "access_key": c.access_key,
-        "secret_key": c.secret_key,
+        "secret_key": SecretStr(c.secret_key),
         "bucket": f"i2v-tls-{uuid.uuid4().hex[:8]}",
         "secure": True,
         "ca_file": str(c.ca_file),
-        "retries": 5,
-        "backoff_s": 1.0,
     }
-    return StoreConfig(**(fields | overrides))
+    settings = ObjectStoreSettings(**(fields | overrides))
+    return StoreConfig.from_settings(settings, retries=5, backoff_s=1.0)
 
 
 async def test_the_store_round_trips_over_https_with_the_private_ca(
@@ -225,13 +225,18 @@ def test_the_stack_created_its_buckets_over_https(https_stack: DevStack) -> None
 def test_worker_and_sdk_settings_read_minio_ca_file(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """MINIO_CA_FILE loads into both the worker's and the SDK's settings; empty means unset."""
+    """MINIO_CA_FILE loads into both the worker's and the SDK's settings (one class); a
+    node's store trusts exactly that file; empty means unset."""
     monkeypatch.setenv("MINIO_CA_FILE", str(tmp_path / "ca.pem"))
     assert ObjectStoreSettings().ca_file == str(tmp_path / "ca.pem")
-    assert WorkerSettings().minio_ca_file == str(tmp_path / "ca.pem")
+    worker = WorkerSettings()
+    assert worker.object_store.ca_file == str(tmp_path / "ca.pem")
+    assert StoreConfig.from_settings(worker.object_store).ca_file == str(tmp_path / "ca.pem")
     monkeypatch.delenv("MINIO_CA_FILE")
     assert ObjectStoreSettings().ca_file is None
-    assert WorkerSettings().minio_ca_file is None
+    assert WorkerSettings().object_store.ca_file is None
+    monkeypatch.setenv("MINIO_CA_FILE", "")
+    assert StoreConfig.from_settings(ObjectStoreSettings()).ca_file is None
 
 
 def test_the_sdk_uploads_a_large_image_over_https(https_stack: DevStack) -> None:

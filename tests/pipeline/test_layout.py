@@ -75,3 +75,19 @@ def test_weights_per_card_follow_the_placement_rules() -> None:
     assert (sharded["transformer"], sharded["text_encoder"]) == (4_000, 1_250)
     on_cpu = weight_bytes_per_card(ParallelLayout(nproc=8, ulysses_size=8, t5_cpu=True), sizes)
     assert on_cpu["text_encoder"] == 0
+
+
+def test_a_layout_is_the_node_settings_of_the_same_names() -> None:
+    """`as_fields` gives every field under its node setting's name; the node's settings,
+    its presets and the layout it reports on the wire (`schemas.Layout`) use exactly those."""
+    from i2v_fleet.consumer.presets import PRESETS
+    from i2v_fleet.consumer.settings import WorkerSettings
+    from i2v_fleet.schemas import Layout
+
+    layout = ParallelLayout(nproc=4, ulysses_size=2, cfg_size=2, dit_fsdp=True, t5_cpu=True)
+    fields = layout.as_fields()
+    assert ParallelLayout(**fields) == layout
+    assert set(fields) <= set(WorkerSettings.model_fields)
+    assert Layout(lanes=2, **fields).model_dump() == {"lanes": 2, **fields}
+    for preset in PRESETS.values():
+        assert {name.upper() for name in fields} <= set(preset.worker), preset.name

@@ -110,3 +110,28 @@ def test_pickled_weights_are_refused_and_never_unpickled(model_copy: Path, tmp_p
     with pytest.raises(ModelLoadError, match=r"pickled weights \(diffusion_pytorch_model.bin\)"):
         WanI2V.load(model_copy, device="cpu")
     assert not tripwire.exists()
+
+
+def test_checking_a_checkpoint_needs_no_torch() -> None:
+    """pipeline.checkpoint, which both loaders use, imports neither torch nor a loader."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, i2v_fleet.pipeline.checkpoint; "
+        "print(sorted({'torch', 'i2v_fleet.pipeline.loading', 'i2v_fleet.pipeline.sharding'}"
+        " & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_an_index_names_the_weight_files(tmp_path: Path) -> None:
+    """With a safetensors index, exactly the files it names are read, once each."""
+    from i2v_fleet.pipeline.checkpoint import weight_files
+
+    for name in ("a.safetensors", "b.safetensors", "stray.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    index = {"weight_map": {"x": "b.safetensors", "y": "a.safetensors", "z": "b.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert weight_files(tmp_path) == [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]

@@ -178,3 +178,19 @@ def test_pickled_weights_are_refused_before_any_rank_work(tmp_path: Path) -> Non
             device=torch.device("cpu"),
             units=text_encoder_units,
         )
+
+
+def test_sharding_never_imports_the_whole_model_loader() -> None:
+    """Both loaders take the checkpoint's layout from pipeline.checkpoint, so sharding has
+    no import of pipeline.loading, at the top or inside a function (no import cycle)."""
+    import ast
+
+    import i2v_fleet.pipeline.sharding as sharding
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(Path(sharding.__file__).read_text())):
+        if isinstance(node, ast.ImportFrom):
+            names |= {node.module or "", *(a.name for a in node.names)}
+        elif isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+    assert not [n for n in names if n.rsplit(".", 1)[-1] == "loading"]

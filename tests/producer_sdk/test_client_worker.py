@@ -18,7 +18,7 @@ from i2v_fleet.producer_sdk import (
     WaitTimeout,
     partition_for,
 )
-from i2v_fleet.schemas import ProgressEvent, TopicNames
+from i2v_fleet.schemas import EventType, ProgressEvent, TopicNames
 
 pytestmark = [pytest.mark.kafka, pytest.mark.minio, pytest.mark.slow]
 
@@ -47,7 +47,9 @@ async def test_submit_watch_and_download(
             (worker_topics.progress, partition_for(key, 2)),
         }
         finals = [
-            e for e in events if getattr(e, "type", "") in {"succeeded", "failed", "cancelled"}
+            e
+            for e in events
+            if not isinstance(e, ProgressEvent) and EventType(e.type).is_terminal()
         ]
         assert [e.type for e in finals] == ["succeeded"]
         order = [

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+
 import pytest
 
+import i2v_fleet
+from i2v_fleet import connection
 from i2v_fleet.producer_sdk import KafkaSettings, MissingExtra, ObjectStoreSettings, TopicSettings
+from i2v_fleet.producer_sdk import settings as sdk_settings
 from i2v_fleet.producer_sdk._extras import require_extra
 
 
@@ -39,6 +46,29 @@ def test_object_store_settings_hide_the_secret(monkeypatch: pytest.MonkeyPatch) 
     s3 = ObjectStoreSettings()
     assert (s3.endpoint, s3.secure) == ("minio:9000", True)
     assert "topsecret" not in repr(s3)
+
+
+def test_the_settings_have_one_home_that_imports_no_client_library() -> None:
+    """The SDK's public settings are i2v_fleet.connection's classes (the node reads the
+    same), and importing that module loads no Kafka or S3 client and no torch."""
+    for name in ("KafkaSettings", "TopicSettings", "ObjectStoreSettings"):
+        home = getattr(connection, name)
+        assert getattr(i2v_fleet, name) is home
+        assert getattr(i2v_fleet.producer_sdk, name) is home
+        assert getattr(sdk_settings, name) is home
+    code = (
+        "import sys, i2v_fleet.connection; "
+        "print(sorted({'aiokafka', 'minio', 'torch', 'i2v_fleet.producer_sdk'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_free_port_gives_a_port_that_binds() -> None:
+    """`free_port` names a loopback port that nobody holds, so a server can take it."""
+    port = connection.free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
 
 
 def test_a_missing_extra_names_the_pip_command() -> None:
