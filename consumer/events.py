@@ -1,8 +1,9 @@
 """Lifecycle, progress and node events, keyed by job id (node id) as DESIGN section 3 says.
 
-Owns numbering (`seq` per job and attempt), progress throttling (at most one event per
-interval per job; phase changes and the last step always go out) and acks: terminal
-events are awaited with acks from all in-sync replicas before the caller moves an offset.
+Owns progress throttling (at most one event per interval per job; phase changes and the
+last step always go out) and acks: terminal events are awaited with acks from all in-sync
+replicas before the caller moves an offset. How an event becomes a record, `seq` numbering
+and percentages are the contract's (`schemas.records`), shared with the SDK's FakeWorker.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Any
 from uuid import UUID
 
 from i2v_fleet.schemas import (
-    JOB_EVENT_ADAPTER,
     CancelledEvent,
     ErrorInfo,
     FailedEvent,
@@ -21,48 +21,33 @@ from i2v_fleet.schemas import (
     JobRequest,
     JobResult,
     NodeInfo,
+    OutgoingRecord,
     Phase,
-    ProgressEvent,
     RecordRef,
     RequeuedEvent,
     RequeueReason,
+    SeqCounter,
     StartedEvent,
     SucceededEvent,
     TopicNames,
+    ends_attempt,
+    node_record,
+    progress_event,
+    progress_record,
+    request_record,
+    status_record,
     utcnow,
 )
 from i2v_fleet.schemas.topics import (
     HEADER_ERROR_CODE,
     HEADER_ERROR_MESSAGE,
-    HEADER_EVENT_TYPE,
     HEADER_FAILED_AT,
     HEADER_NODE_ID,
     HEADER_ORIGINAL_OFFSET,
     HEADER_ORIGINAL_PARTITION,
     HEADER_ORIGINAL_TIMESTAMP,
     HEADER_ORIGINAL_TOPIC,
-    HEADER_SCHEMA_VERSION,
 )
-
-# Share of a whole job each phase stands for, to turn (phase, step) into one percentage.
-_PHASE_SHARE: dict[Phase, float] = {
-    Phase.LOADING_INPUTS: 2,
-    Phase.ENCODING_PROMPT: 5,
-    Phase.DENOISING: 80,
-    Phase.DECODING: 8,
-    Phase.ENCODING_VIDEO: 2,
-    Phase.UPLOADING: 3,
-}
-
-
-def percent_done(phase: Phase, step: int, total: int) -> float:
-    before = sum(
-        share
-        for p, share in _PHASE_SHARE.items()
-        if list(Phase).index(p) < list(Phase).index(phase)
-    )
-    within = _PHASE_SHARE[phase] * (step / total if total else 0.0)
-    return round(min(100.0, before + within), 1)
 
 
 class Emitter:
@@ -73,7 +58,7 @@ class Emitter:
         self.topics = topics
         self.node_id = node_id
         self.interval_s = interval_s
-        self._seq: dict[tuple[UUID, int], int] = {}
+        self._seq = SeqCounter()
         self._last_progress: dict[tuple[UUID, int], tuple[float, Phase]] = {}
         self._denoise_started: dict[tuple[UUID, int], float] = {}
 
@@ -99,28 +84,27 @@ class Emitter:
         await self._status(event)
 
     async def succeeded(self, job: JobRequest, result: JobResult) -> None:
-        await self._status(SucceededEvent(**self._common(job), result=result), final=True)
+        await self._status(SucceededEvent(**self._common(job), result=result))
 
     async def failed(self, job: JobRequest, error: ErrorInfo) -> None:
-        await self._status(FailedEvent(**self._common(job), error=error), final=True)
+        await self._status(FailedEvent(**self._common(job), error=error))
 
     async def failed_for(
         self, job_id: UUID, attempt: int, error: ErrorInfo, metadata: dict[str, str] | None = None
     ) -> None:
         """A `failed` event for a record that did not validate as a job (only its id did)."""
-        key = (job_id, attempt)
         event = FailedEvent(
             job_id=job_id,
-            seq=self._next(key),
+            seq=self._seq.next(job_id, attempt),
             node_id=self.node_id,
             attempt=attempt,
             metadata=metadata or {},
             error=error,
         )
-        await self._status(event, final=True)
+        await self._status(event)
 
     async def cancelled(self, job: JobRequest, reason: str | None) -> None:
-        await self._status(CancelledEvent(**self._common(job), reason=reason), final=True)
+        await self._status(CancelledEvent(**self._common(job), reason=reason))
 
     async def requeued(
         self,
@@ -133,22 +117,17 @@ class Emitter:
         event = RequeuedEvent(
             **self._common(job, seq), reason=reason, next_attempt=job.attempt + 1, error=error
         )
-        await self._status(event, final=True)
+        await self._status(event)
 
     async def failed_lost(self, job: JobRequest, error: ErrorInfo, seq: int) -> None:
         """A reaper's `failed` for another node's attempt, continuing that attempt's `seq`."""
-        await self._status(FailedEvent(**self._common(job, seq), error=error), final=True)
+        await self._status(FailedEvent(**self._common(job, seq), error=error))
 
     async def republish(self, job: JobRequest) -> None:
         """Put the job back on `i2v.requests` as its next attempt (acked), before the
         caller marks this attempt `requeued`: a crash in between duplicates, never loses."""
         again = job.model_copy(update={"attempt": job.attempt + 1})
-        await self.producer.send_and_wait(
-            self.topics.requests,
-            again.model_dump_json().encode(),
-            key=job.key,
-            headers=[(HEADER_SCHEMA_VERSION, b"1")],
-        )
+        await self._send(request_record(self.topics, again), wait=True)
 
     # -- progress --------------------------------------------------------------------
 
@@ -169,22 +148,9 @@ class Emitter:
         self._last_progress[key] = (now, phase)
         if phase is Phase.DENOISING and step == 0:
             self._denoise_started[key] = now
-        event = ProgressEvent(
-            job_id=job.job_id,
-            attempt=job.attempt,
-            phase=phase,
-            step=step,
-            total_steps=total,
-            percent=percent_done(phase, step, total),
-            eta_s=self._eta(key, phase, step, total, now),
-            metadata=job.metadata,
-        )
-        await self.producer.send(
-            self.topics.progress,
-            event.model_dump_json().encode(),
-            key=job.key,
-            headers=[(HEADER_SCHEMA_VERSION, b"1")],
-        )
+        event = progress_event(job, phase, step, total, self._eta(key, phase, step, total, now))
+        # Not awaited for acks: a lost progress event is replaced by the next one.
+        await self._send(progress_record(self.topics, event), wait=False)
 
     async def dead_letter(
         self,
@@ -210,40 +176,30 @@ class Emitter:
         await self.producer.send_and_wait(self.topics.dlq, value, key=key, headers=headers)
 
     async def node_info(self, info: NodeInfo) -> None:
-        await self.producer.send_and_wait(
-            self.topics.nodes,
-            info.model_dump_json().encode(),
-            key=info.node_id.encode(),
-            headers=[(HEADER_SCHEMA_VERSION, b"1")],
-        )
+        await self._send(node_record(self.topics, info), wait=True)
 
     # -- internals -------------------------------------------------------------------
 
     def _common(self, job: JobRequest, seq: int | None = None) -> dict[str, Any]:
         return {
             "job_id": job.job_id,
-            "seq": self._next((job.job_id, job.attempt)) if seq is None else seq,
+            "seq": self._seq.next(job.job_id, job.attempt) if seq is None else seq,
             "node_id": self.node_id,
             "attempt": job.attempt,
             "metadata": job.metadata,
         }
 
-    def _next(self, key: tuple[UUID, int]) -> int:
-        seq = self._seq.get(key, 0)
-        self._seq[key] = seq + 1
-        return seq
-
-    async def _status(self, event: Any, final: bool = False) -> None:
-        await self.producer.send_and_wait(
-            self.topics.status,
-            JOB_EVENT_ADAPTER.dump_json(event),
-            key=str(event.job_id).encode(),
-            headers=[(HEADER_SCHEMA_VERSION, b"1"), (HEADER_EVENT_TYPE, event.type.encode())],
-        )
-        if final:
+    async def _status(self, event: Any) -> None:
+        await self._send(status_record(self.topics, event), wait=True)
+        if ends_attempt(event):
             key = (event.job_id, event.attempt)
-            for table in (self._seq, self._last_progress, self._denoise_started):
-                table.pop(key, None)
+            self._seq.end(*key)
+            self._last_progress.pop(key, None)
+            self._denoise_started.pop(key, None)
+
+    async def _send(self, record: OutgoingRecord, wait: bool) -> None:
+        send = self.producer.send_and_wait if wait else self.producer.send
+        await send(record.topic, record.value, key=record.key, headers=list(record.headers))
 
     def _eta(
         self, key: tuple[UUID, int], phase: Phase, step: int, total: int, now: float

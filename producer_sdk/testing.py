@@ -9,8 +9,9 @@
             job = await client.submit(b"...jpeg bytes...", prompt="a cat")
             result = await client.wait(job.job_id)   # the fake worker succeeded it
 
-Owns the fakes only: they speak the real message schemas, so code tested against them
-works against the fleet. Must never be imported by the library itself.
+Owns the fakes only: they speak the real message schemas and write events by the node's
+own rules (`schemas.records`: keys, headers, `seq`, percent, topics), so code tested
+against them works against the fleet. Must never be imported by the library itself.
 """
 
 from __future__ import annotations
@@ -29,13 +30,19 @@ from i2v_fleet.schemas import (
     WORKERS_GROUP,
     ErrorInfo,
     FailedEvent,
+    JobEvent,
     JobRequest,
     JobResult,
+    OutgoingRecord,
     Phase,
-    ProgressEvent,
+    SeqCounter,
     StartedEvent,
     SucceededEvent,
     TopicNames,
+    ends_attempt,
+    progress_event,
+    progress_record,
+    status_record,
     utcnow,
 )
 
@@ -130,6 +137,7 @@ class FakeWorker:
     node_id: str = "fake-node"
     handled: list[JobRequest] = field(default_factory=list)
     _task: asyncio.Task[None] | None = None
+    _seq: SeqCounter = field(default_factory=SeqCounter, init=False, repr=False)
 
     async def __aenter__(self) -> FakeWorker:
         self._task = asyncio.create_task(self._serve())
@@ -151,43 +159,25 @@ class FakeWorker:
 
     async def _answer(self, job: JobRequest) -> None:
         self.handled.append(job)
-        common: dict[str, Any] = {
-            "job_id": job.job_id,
-            "node_id": self.node_id,
-            "attempt": job.attempt,
-            "metadata": job.metadata,
-        }
         await self._status(
             StartedEvent(
-                **common,
-                seq=0,
+                **self._common(job),
                 lease_expires_at=utcnow() + timedelta(seconds=60),
                 request=job,
             )
         )
+        # Unthrottled, unlike a node: every step goes out, so tests can count them.
         steps = self.outcome.progress_steps
         for step in range(steps + 1):
-            await self._emit(
-                self.topics.progress,
-                job,
-                ProgressEvent(
-                    job_id=job.job_id,
-                    attempt=job.attempt,
-                    phase=Phase.DENOISING,
-                    step=step,
-                    total_steps=steps,
-                    percent=round(90 * step / max(steps, 1), 1),
-                    metadata=job.metadata,
-                ),
-            )
+            event = progress_event(job, Phase.DENOISING, step, steps)
+            await self._publish(progress_record(self.topics, event))
         if self.outcome.fail_with is not None:
-            await self._status(FailedEvent(**common, seq=1, error=self.outcome.fail_with))
+            await self._status(FailedEvent(**self._common(job), error=self.outcome.fail_with))
             return
         size = job.image_size
         await self._status(
             SucceededEvent(
-                **common,
-                seq=1,
+                **self._common(job),
                 result=JobResult(
                     bucket="fake",
                     key=f"jobs/{job.job_id}/video.mp4",
@@ -204,11 +194,20 @@ class FakeWorker:
             )
         )
 
-    async def _status(self, event: Any) -> None:
-        await self._emit(self.topics.status, None, event)
+    def _common(self, job: JobRequest) -> dict[str, Any]:
+        return {
+            "job_id": job.job_id,
+            "seq": self._seq.next(job.job_id, job.attempt),
+            "node_id": self.node_id,
+            "attempt": job.attempt,
+            "metadata": job.metadata,
+        }
 
-    async def _emit(self, topic: str, job: JobRequest | None, event: Any) -> None:
+    async def _status(self, event: JobEvent) -> None:
+        await self._publish(status_record(self.topics, event))
+        if ends_attempt(event):
+            self._seq.end(event.job_id, event.attempt)
+
+    async def _publish(self, record: OutgoingRecord) -> None:
         await asyncio.sleep(0.002)  # distinct millisecond timestamps keep the order readable
-        await self.transport.publish(
-            topic, str(event.job_id).encode(), event.model_dump_json().encode(), []
-        )
+        await self.transport.publish(record.topic, record.key, record.value, record.headers)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -186,9 +188,14 @@ def run_worker(
     extra_env: dict[str, str],
     ready_marks: int = 1,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Start `i2v worker` with the test settings plus `extra_env`, wait until it claims
-    (`ready_marks` times: once per lane), yield it, stop it and print its log's tail."""
-    ops_port = free_port()
+    """Start `i2v worker` with the test settings plus `extra_env`, wait until every lane's
+    /readyz answers 200, yield it, stop it and print its log's tail.
+
+    The lanes are LANES of the environment; `ready_marks` (once the count of log lines to
+    wait for, one per lane) is a lower bound on them, kept for callers.
+    """
+    lanes = max(ready_marks, int({**os.environ, **extra_env}.get("LANES", "1")))
+    ops_port = free_ports(lanes)
     group = f"workers-{uuid.uuid4().hex[:6]}"
     env = {
         **os.environ,
@@ -225,7 +232,7 @@ def run_worker(
             stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 180
-    while log.read_bytes().count(b"claiming from") < ready_marks:
+    while not ops_ready(*range(ops_port, ops_port + lanes)):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"worker did not start:\n{log.read_text()[-3000:]}")
@@ -240,3 +247,37 @@ def run_worker(
     except subprocess.TimeoutExpired:
         proc.kill()
     print(log.read_text()[-5000:])
+
+
+def ops_ready(*ports: int) -> bool:
+    """True when the node's ops server answers /readyz with 200 on every one of `ports`
+    (a node of LANES lanes serves one per lane, on SERVER_PORT + lane)."""
+    for port in ports:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                if r.status != 200:
+                    return False
+        except OSError:  # not listening yet, or 503 (HTTPError is an OSError)
+            return False
+    return True
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive loopback ports nobody listens on right now: a
+    node's lanes take SERVER_PORT, SERVER_PORT + 1, ..."""
+    for _ in range(50):
+        first = free_port()
+        if all(_port_free(first + i) for i in range(1, count)):
+            return first
+    raise RuntimeError(f"found no {count} consecutive free ports")
+
+
+def _port_free(port: int) -> bool:
+    if port > 65535:
+        return False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

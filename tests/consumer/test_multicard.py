@@ -68,7 +68,7 @@ def ranks_worker(
 
 
 async def test_four_ranks_serve_a_job_end_to_end(
-    ranks_worker: Any, cluster: Cluster, ranks_topics: TopicNames
+    ranks_worker: Any, cluster: Cluster, ranks_topics: TopicNames, tmp_path: Path
 ) -> None:
     url = f"{ranks_worker.ops_url}/info"
     info = json.loads(
@@ -103,7 +103,7 @@ async def test_four_ranks_serve_a_job_end_to_end(
     video = await asyncio.to_thread(
         lambda: urllib.request.urlopen(final.result.url, timeout=10).read()
     )
-    path = Path(f"/tmp/{job.job_id}.mp4")
+    path = tmp_path / f"{job.job_id}.mp4"
     path.write_bytes(video)
     try:
         probed = probe_mp4(path)

@@ -28,6 +28,7 @@ from pydantic import TypeAdapter
 from i2v_fleet.producer_sdk.devstack import free_port
 from i2v_fleet.producer_sdk.settings import KafkaSettings
 from i2v_fleet.schemas import JOB_EVENT_ADAPTER, JobRequest, TopicNames
+from tests.conftest import free_ports, ops_ready
 
 PHOTO = Path(__file__).resolve().parents[2] / "examples" / "images" / "grace_hopper.jpg"
 _JSON: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
@@ -66,6 +67,14 @@ class Node:
                 return _JSON.validate_json(r.read())
         except OSError:
             return None
+
+    @property
+    def lanes(self) -> int:
+        return int(self.env.get("LANES", "1"))
+
+    def ready(self) -> bool:
+        """Every lane's /readyz answers 200 (lane i serves on the node's port + i)."""
+        return ops_ready(*range(self.ops_port, self.ops_port + self.lanes))
 
     @property
     def running(self) -> bool:
@@ -127,7 +136,7 @@ class Fleet:
         self.history: list[Node] = []
 
     def start(self, name: str, **env: str) -> Node:
-        port = free_port()
+        port = free_ports(int({**self.base_env, **env}.get("LANES", "1")))
         work = self.tmp / f"work-{name}"
         work.mkdir(exist_ok=True)
         node_env = {
@@ -154,7 +163,7 @@ class Fleet:
         deadline = time.monotonic() + timeout
         for name in names or tuple(self.nodes):
             node = self.nodes[name]
-            while b"claiming from" not in node.log.read_bytes():
+            while not node.ready():
                 if not node.running or time.monotonic() > deadline:
                     raise AssertionError(f"{name} did not start:\n{self.tail(name)}")
                 time.sleep(0.2)

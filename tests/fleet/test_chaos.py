@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import random
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -126,7 +125,7 @@ async def test_kill_9_at_any_moment_loses_no_job(
         str(k): (f.type, getattr(f, "error", None)) for k, f in finals.items()
     }
     for job in jobs:
-        _assert_complete_result(cluster, job, finals[job.job_id])
+        _assert_complete_result(cluster, job, finals[job.job_id], fleet.tmp)
     for job_id in invalid_ids:  # more than one only when a node died before its commit
         refused = {(e.type, e.error.code) for _, e in status.events if str(e.job_id) == job_id}
         assert refused == {("failed", "invalid_request")}
@@ -196,7 +195,7 @@ async def test_an_object_store_outage_delays_uploads_and_loses_nothing(
 
     assert {status.final(j.job_id).type for j in jobs} == {"succeeded"}
     for job in jobs:
-        _assert_complete_result(cluster, job, status.final(job.job_id))
+        _assert_complete_result(cluster, job, status.final(job.job_id), fleet.tmp)
     logs = "".join(node.log.read_text(errors="replace") for node in fleet.history)
     assert "retrying" in logs  # the outage was felt, and ridden out
 
@@ -223,7 +222,7 @@ def _get(client: Minio, bucket: str, key: str) -> bytes:
         response.release_conn()
 
 
-def _assert_complete_result(cluster: Any, job: JobRequest, final: Any) -> None:
+def _assert_complete_result(cluster: Any, job: JobRequest, final: Any, tmp: Path) -> None:
     """video, poster and meta.json all there; meta describes exactly the stored video."""
     client = _client(cluster)
     bucket, prefix = cluster.s3.bucket, f"jobs/{job.job_id}/"
@@ -234,10 +233,9 @@ def _assert_complete_result(cluster: Any, job: JobRequest, final: Any) -> None:
     digest = hashlib.sha256(video).hexdigest()
     assert meta["result"]["sha256"] == digest
     assert final.result.key == f"{prefix}video.mp4"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "v.mp4"
-        path.write_bytes(video)
-        assert probe_mp4(path).num_frames == job.num_frames
+    path = tmp / f"{job.job_id}.mp4"
+    path.write_bytes(video)
+    assert probe_mp4(path).num_frames == job.num_frames
 
 
 async def _read_values(cluster: Any, topic: str, want: int, timeout: float = 20) -> list[bytes]:

@@ -150,12 +150,11 @@ async def test_a_frozen_node_loses_its_lease_and_its_late_result_is_still_valid(
     assert (first_final.type, first_final.attempt) == ("succeeded", 2)
     late = status.first(job.job_id, "succeeded", attempt=1)[1]  # type: ignore[index]
     assert late.result.key == first_final.result.key
-    _assert_stored_video(cluster, late.result.key, late.result.sha256, frames=5)
+    _assert_stored_video(cluster, late.result.key, late.result.sha256, 5, fleet.tmp)
 
 
-def _assert_stored_video(cluster: Any, key: str, sha256: str, frames: int) -> None:
+def _assert_stored_video(cluster: Any, key: str, sha256: str, frames: int, tmp: Path) -> None:
     import hashlib
-    import tempfile
 
     s3 = cluster.s3
     client = Minio(
@@ -171,7 +170,6 @@ def _assert_stored_video(cluster: Any, key: str, sha256: str, frames: int) -> No
         response.close()
         response.release_conn()
     assert hashlib.sha256(data).hexdigest() == sha256
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "v.mp4"
-        path.write_bytes(data)
-        assert probe_mp4(path).num_frames == frames
+    path = tmp / f"{sha256[:16]}.mp4"
+    path.write_bytes(data)
+    assert probe_mp4(path).num_frames == frames
