@@ -1,6 +1,6 @@
 """Per-rank memory and speed of the engine's layouts on CPU with the tiny model.
 
-Starts the real engine (consumer.engine_host.EngineHost: NPROC rank processes over gloo)
+Starts the real engine (consumer.engine.EngineHost: NPROC rank processes over gloo)
 for each layout, runs the same job twice (the first warms up), and prints per rank: peak
 RSS after loading, the transformer parameter bytes the rank holds, whether it holds the
 text encoder; per layout: load time and seconds per denoising step, with the ratio to one
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from i2v_fleet.consumer.engine_host import EngineConfig, EngineHost, JobDone, RunJob
+from i2v_fleet.consumer.engine import EngineConfig, EngineHost, JobDone, RunJob
 from i2v_fleet.pipeline import GenerationRequest, write_tiny_model
 
 LAYOUTS: dict[str, dict[str, Any]] = {

@@ -167,7 +167,7 @@ def worker() -> None:
 
     from i2v_fleet.pipeline.layout import LayoutError
 
-    from .engine_host import EngineMisconfigured
+    from .engine import EngineMisconfigured
 
     try:
         asyncio.run(serve(settings))

@@ -18,6 +18,13 @@ class JobError(Exception):
     code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
     retryable: ClassVar[bool] = False
 
+    def __init__(self, *args: object, retryable: bool | None = None) -> None:
+        super().__init__(*args)
+        if retryable is not None:
+            # One failure's own verdict where its source knows better than the class (the
+            # engine says whether a retry may help); as in pipeline.errors.FailedOnRank.
+            self.retryable = retryable  # type: ignore[misc]
+
     def info(self) -> ErrorInfo:
         """The error as it travels in a `failed` event."""
         return ErrorInfo(code=self.code, message=str(self)[:2000], retryable=self.retryable)

@@ -7,6 +7,8 @@ Each test starts real rank processes (gloo on CPU) with the tiny model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import random
 import signal
@@ -19,13 +21,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from i2v_fleet.consumer.engine_host import (
+from i2v_fleet.consumer.engine import (
     EngineConfig,
     EngineDied,
     EngineHost,
+    EngineState,
     JobDone,
     JobStopped,
     RunJob,
+    StopWhy,
 )
 from i2v_fleet.consumer.errors import JobError
 
@@ -85,13 +89,15 @@ async def test_a_cancel_stops_every_rank_on_the_same_step_and_the_engine_serves_
 
         async def on_progress(p: Any) -> None:
             if p.phase == "denoising" and p.step == stop_after:
-                await host.stop_job(job.job_id)
+                await host.stop_job(job.job_id, StopWhy.CANCEL, "changed my mind")
+                await host.stop_job(job.job_id, StopWhy.TIMEOUT)  # the first stop wins
 
         outcome = await host.run(job, on_progress)
         assert isinstance(outcome, JobStopped)
+        assert (outcome.why, outcome.reason) == (StopWhy.CANCEL, "changed my mind")
         # The stop arrives while step stop_after+1 may already run: it ends there at most.
         assert stop_after <= outcome.step <= stop_after + 1
-        assert host.alive
+        assert host.state is EngineState.READY
         assert host.pids == pids
         done = await host.run(_job(tmp_path / "b", steps=2), _no_progress)
         assert isinstance(done, JobDone)
@@ -129,6 +135,7 @@ async def test_an_error_on_rank_1_inside_a_collective_restarts_the_engine(
         # Rank 1 waits a bounded time for the others (5 s + two steps), then exits.
         print(f"error inside a collective: attempt ended after {time.monotonic() - t0:.1f} s")
         assert time.monotonic() - t0 < 30
+        assert host.state is EngineState.DEFUNCT
         assert not host.alive
         host.config = replace(host.config, fault="")  # the restarted engine is healthy
         await host.restart()
@@ -136,6 +143,32 @@ async def test_an_error_on_rank_1_inside_a_collective_restarts_the_engine(
         assert isinstance(done, JobDone)
     finally:
         await host.close()
+
+
+async def test_a_rank_logs_its_error_as_one_line_with_node_rank_and_job(
+    tiny_model_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Rank 1's error reaches stderr as a structured line naming node, rank and job."""
+    config = _config(tiny_model_dir, fault="raise_after:1:3", node_id="gpu-9-lane1")
+    host = await _started(config)
+    job = _job(tmp_path / "a")
+    try:
+        with pytest.raises(JobError, match="injected fault"):
+            await host.run(job, _no_progress)
+    finally:
+        await host.close()  # every rank has exited: all it wrote is in the capture
+    err = capfd.readouterr().err
+    lines = []
+    for line in err.splitlines():
+        with contextlib.suppress(ValueError):  # torch's own C++ warnings are not ours
+            lines.append(json.loads(line))
+    errors = [line for line in lines if line.get("level") == "error"]
+    assert errors, err
+    assert {(e["node_id"], e["rank"], e["job_id"]) for e in errors} == {
+        ("gpu-9-lane1", 1, job.job_id)
+    }
+    assert "RuntimeError: injected fault on rank 1" in errors[0]["exception"]
+    assert not any(line.startswith("Traceback") for line in err.splitlines()), err
 
 
 @pytest.mark.parametrize("how", ["killed", "frozen"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from i2v_fleet.consumer.engine_host import EngineConfig
+from i2v_fleet.consumer.engine import EngineConfig
 from i2v_fleet.consumer.settings import WorkerSettings
 from i2v_fleet.consumer.worker import check_layout
 from i2v_fleet.pipeline.layout import LayoutError, ParallelLayout
