@@ -24,6 +24,8 @@ from i2v_fleet.schemas import (
     utcnow,
 )
 
+from .kafka import KafkaClients
+
 log = logging.getLogger(__name__)
 
 
@@ -31,8 +33,8 @@ class TopicFollower:
     """Reads a whole topic from its start, then follows it; subclasses say what a record
     means in `_apply`."""
 
-    def __init__(self, kafka_kwargs: dict[str, Any], topic: str) -> None:
-        self.kafka_kwargs = kafka_kwargs
+    def __init__(self, clients: KafkaClients, topic: str) -> None:
+        self.clients = clients
         self.topic = topic
         self._task: asyncio.Task[None] | None = None
         self._caught_up = asyncio.Event()
@@ -48,11 +50,9 @@ class TopicFollower:
 
     async def start(self, timeout_s: float = 30.0) -> None:
         """Start following and wait until the existing cancels are read."""
-        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka import TopicPartition
 
-        consumer = AIOKafkaConsumer(
-            **self.kafka_kwargs, enable_auto_commit=False, auto_offset_reset="earliest"
-        )
+        consumer = self.clients.consumer(enable_auto_commit=False, auto_offset_reset="earliest")
         await consumer.start()
         partitions = consumer.partitions_for_topic(self.topic)
         if not partitions:
@@ -101,8 +101,8 @@ class TopicFollower:
 class ControlWatcher(TopicFollower):
     """Follows `i2v.control`; `cancelled(job_id)` answers from memory."""
 
-    def __init__(self, kafka_kwargs: dict[str, Any], topic: str) -> None:
-        super().__init__(kafka_kwargs, topic)
+    def __init__(self, clients: KafkaClients, topic: str) -> None:
+        super().__init__(clients, topic)
         self._cancels: dict[UUID, CancelRequest] = {}
 
     def cancelled(self, job_id: UUID) -> CancelRequest | None:
@@ -126,8 +126,8 @@ class ControlWatcher(TopicFollower):
 class PeerWatcher(TopicFollower):
     """Follows `i2v.nodes`; `idle_peers()` names the other nodes that are claiming now."""
 
-    def __init__(self, kafka_kwargs: dict[str, Any], topic: str, node_id: str) -> None:
-        super().__init__(kafka_kwargs, topic)
+    def __init__(self, clients: KafkaClients, topic: str, node_id: str) -> None:
+        super().__init__(clients, topic)
         self.node_id = node_id
         self._last: dict[str, NodeInfo] = {}
 

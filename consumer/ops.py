@@ -7,6 +7,7 @@ shown without credentials and URLs without query strings.
 from __future__ import annotations
 
 import dataclasses
+import platform
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -17,9 +18,12 @@ if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 
+SUPERVISOR: web.AppKey[Supervisor] = web.AppKey("supervisor")
+
+
 def make_app(supervisor: Supervisor) -> web.Application:
     app = web.Application()
-    app["supervisor"] = supervisor
+    app[SUPERVISOR] = supervisor
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -35,16 +39,25 @@ async def start(supervisor: Supervisor, host: str, port: int) -> web.AppRunner:
     return runner
 
 
+def url_of(runner: web.AppRunner, host: str) -> str | None:
+    """The ops server's base URL as others can reach it (the bound port, a routable host)."""
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            shown = platform.node() if host in ("0.0.0.0", "::", "") else host
+            return f"http://{shown}:{address[1]}"
+    return None
+
+
 async def _healthz(request: web.Request) -> web.Response:
     """Alive: the loop answers, and the engine runs (or is being started)."""
-    sup: Supervisor = request.app["supervisor"]
+    sup = request.app[SUPERVISOR]
     ok = sup.engine.alive or not sup.ready.is_set()
     return web.json_response({"status": "ok" if ok else "engine down"}, status=200 if ok else 503)
 
 
 async def _readyz(request: web.Request) -> web.Response:
     """Ready: model loaded, claiming from Kafka (the broker answers), object store reachable."""
-    sup: Supervisor = request.app["supervisor"]
+    sup = request.app[SUPERVISOR]
     checks = {
         "model_loaded": sup.engine.alive,
         "kafka": sup.ready.is_set() and sup.broker is not None and sup.broker.reachable,
@@ -59,13 +72,13 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    sup: Supervisor = request.app["supervisor"]
+    sup = request.app[SUPERVISOR]
     body = generate_latest(sup.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def _info(request: web.Request) -> web.Response:
-    sup: Supervisor = request.app["supervisor"]
+    sup = request.app[SUPERVISOR]
     s, stats = sup.settings, sup.stats
     ready = sup.engine.ready
     current: dict[str, Any] | None = None

@@ -38,6 +38,8 @@ from i2v_fleet.schemas import (
 )
 
 from .events import Emitter
+from .handback import hand_back
+from .kafka import KafkaClients
 from .metrics import Metrics
 from .settings import WorkerSettings
 
@@ -76,13 +78,13 @@ class Reaper:
     def __init__(
         self,
         settings: WorkerSettings,
-        producer: Any,
+        clients: KafkaClients,
         emitter: Emitter,
         metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.topics = settings.topics
-        self.producer = producer
+        self.clients = clients
         self.emitter = emitter
         self.metrics = metrics
         self.partitions: dict[int, PartitionState] = {}
@@ -102,11 +104,8 @@ class Reaper:
         return sum(len(p.open) for p in self.partitions.values())
 
     async def start(self) -> None:
-        from aiokafka import AIOKafkaConsumer
-
         s = self.settings
-        self._consumer = AIOKafkaConsumer(
-            **s.kafka_kwargs(),
+        self._consumer = self.clients.consumer(
             group_id=s.reapers_group,
             enable_auto_commit=False,
             auto_offset_reset="latest",
@@ -262,48 +261,36 @@ class Reaper:
         job = request.model_copy(update={"attempt": lost.attempt})
         self.reaped += 1
         self.metrics.reaped.inc()
-        if lost.attempt >= self.settings.max_attempts:
-            error = ErrorInfo(
-                code=ErrorCode.WORKER_LOST,
-                message=(
-                    f"the job's node stopped renewing its lease {self.settings.max_attempts} "
-                    f"times (MAX_ATTEMPTS); last node: {lost.node_id}"
-                ),
-                retryable=False,
-            )
-            await self.emitter.dead_letter(job.model_dump_json().encode(), job.key, error, lost.ref)
-            await self.emitter.failed_lost(job, error, lost.seq + 1)
-            log.warning(
-                "reaper: job %s failed (worker_lost) after %d attempts", job_id, job.attempt
-            )
-            return
-        await self.emitter.republish(job)
         error = ErrorInfo(
             code=ErrorCode.WORKER_LOST,
             message=f"node {lost.node_id} stopped renewing its lease {overdue:.0f} s ago",
             retryable=True,
         )
-        await self.emitter.requeued(job, RequeueReason.LEASE_EXPIRED, error, seq=lost.seq + 1)
         log.warning(
-            "reaper: job %s attempt %d lost on %s (lease ended %.0f s ago); re-published as "
-            "attempt %d",
+            "reaper: job %s attempt %d lost on %s (lease ended %.0f s ago)",
             job_id,
             lost.attempt,
             lost.node_id,
             overdue,
-            lost.attempt + 1,
+        )
+        await hand_back(
+            self.emitter,
+            job,
+            RequeueReason.LEASE_EXPIRED,
+            error,
+            max_attempts=self.settings.max_attempts,
+            origin=lost.ref,
+            seq=lost.seq + 1,
         )
 
     async def _read_request(self, ref: RecordRef | None) -> JobRequest | None:
         """The request record at `ref`, or None when it is gone or does not validate."""
         if ref is None:
             return None
-        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka import TopicPartition
 
         if self._reader is None:
-            self._reader = AIOKafkaConsumer(
-                **self.settings.kafka_kwargs(), enable_auto_commit=False
-            )
+            self._reader = self.clients.consumer(enable_auto_commit=False)
             await self._reader.start()
         tp = TopicPartition(ref.topic, ref.partition)
         self._reader.assign([tp])

@@ -16,8 +16,11 @@ import signal
 from i2v_fleet.pipeline.compile import parse_sizes
 from i2v_fleet.pipeline.layout import LayoutError, ParallelLayout, lane_devices
 
-from .engine_host import EngineConfig, EngineHost
+from .engine import EngineConfig, EngineHost
+from .engine.seam import Engine
+from .engine.standin import StandInEngine
 from .fetch import FetchPolicy
+from .kafka import KafkaClients
 from .settings import WorkerSettings
 from .storage import ResultStore, StoreConfig
 from .supervisor import Supervisor
@@ -66,8 +69,11 @@ def build(
     settings: WorkerSettings,
     layout: ParallelLayout | None = None,
     cards: tuple[int, ...] = (),
+    *,
+    clients: KafkaClients | None = None,
 ) -> Supervisor:
-    """The supervisor of one lane, with its engine, store and fetch policy."""
+    """The supervisor of one lane, with its engine, store and fetch policy; `clients` builds
+    its Kafka clients (aiokafka's from the settings by default)."""
     s = settings
     layout = layout or ParallelLayout(t5_cpu=s.t5_cpu)
     store = ResultStore(
@@ -87,6 +93,11 @@ def build(
     policy = FetchPolicy.from_env_value(
         s.allowed_hosts, max_bytes=s.max_image_bytes, deadline_s=s.fetch_timeout_s
     )
+    engine: Engine
+    if s.standin_engine:  # settings allow it only with I2V_TEST_TOOLS
+        log.warning("STANDIN_ENGINE=%s: a test tool runs instead of the model", s.standin_engine)
+        engine = StandInEngine(s.standin_engine, device=s.device or "cpu")
+        return Supervisor(s, engine, store, policy, layout, clients=clients)
     engine = EngineHost(
         EngineConfig(
             model_dir=str(s.model_ckpt_dir),
@@ -104,11 +115,12 @@ def build(
             torch_compile=s.torch_compile,
             warmup_sizes=parse_sizes(s.compile_warmup_sizes),
             loras=s.model_loras,
+            node_id=s.node_id,
         ),
         start_timeout_s=s.engine_start_timeout,
         stall_timeout_s=s.engine_stall_timeout,
     )
-    return Supervisor(s, engine, store, policy, layout)
+    return Supervisor(s, engine, store, policy, layout, clients=clients)
 
 
 async def serve(settings: WorkerSettings) -> None:

@@ -39,6 +39,15 @@ class DeviceInfo(Message):
     memory_used_bytes: Annotated[int | None, Field(ge=0, description="Memory in use.")] = None
 
 
+class HostMemory(Message):
+    """The host's memory: what `i2v monitor --alert-on-high-memory` compares with its limit."""
+
+    total_bytes: Annotated[int, Field(ge=0, description="Host memory (MemTotal).")]
+    used_bytes: Annotated[
+        int, Field(ge=0, description="In use: MemTotal less MemAvailable (Linux's own count).")
+    ]
+
+
 class Layout(Message):
     """How the node spreads one job over its cards (node settings of the same names)."""
 
@@ -68,9 +77,13 @@ class NodeInfo(Message):
         Field(description="When the node entered `state` (absent from older nodes)."),
     ] = None
     device: Annotated[DeviceKind, Field(description="Accelerator kind.")]
-    devices: Annotated[list[DeviceInfo], Field(description="Cards seen.")] = Field(
-        default_factory=list
-    )
+    devices: Annotated[
+        list[DeviceInfo],
+        Field(description="Cards seen, with their memory where the driver reports it."),
+    ] = Field(default_factory=list)
+    memory: Annotated[
+        HostMemory | None, Field(description="Host memory; absent from older nodes.")
+    ] = None
     layout: Annotated[Layout, Field(description="Parallel layout.")]
     current_jobs: Annotated[list[UUID], Field(description="Jobs running now.")] = Field(
         default_factory=list

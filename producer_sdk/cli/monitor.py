@@ -3,6 +3,9 @@
 Owns what an operator watching the fleet sees: a live table (or one line per node per sample
 when not on a terminal), alerts as they open and clear, and a JSON report with --export.
 Must never import the node's packages: it speaks HTTP and reads `i2v.nodes` through the SDK.
+
+Over 400 lines, knowingly: one command's sampling, alert episodes, two renderings (table
+and lines) and the export; they share the sample's shape and nothing else uses them.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Admission of request records, in process: whatever a record holds, the node answers it
 with a stable code or sets it aside in the DLQ, and never fails on its own refusal.
 
-The supervisor runs with the real `Emitter` (so every event is built and encoded exactly as
-on a node) over a producer that records what it is asked to send, or refuses on purpose.
+Admission and the supervisor's claim run with the real `Emitter` (so every event is built
+and encoded exactly as on a node) over a producer that records what it is asked to send, or
+refuses on purpose.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from i2v_fleet.consumer.admission import Admission
+from i2v_fleet.consumer.claims import Claims
 from i2v_fleet.consumer.events import Emitter
+from i2v_fleet.consumer.metrics import Metrics
+from i2v_fleet.consumer.redelivery import Redelivery
 from i2v_fleet.consumer.settings import WorkerSettings
 from i2v_fleet.consumer.supervisor import Supervisor
 from i2v_fleet.schemas import (
@@ -27,7 +32,7 @@ from i2v_fleet.schemas import (
     JOB_REQUEST_ADAPTER,
     ErrorCode,
     FailedEvent,
-    RecordRef,
+    JobRequest,
     TopicNames,
 )
 from tests.schemas.strategies import job_requests
@@ -72,13 +77,23 @@ class _Record:
     timestamp: int = 1_700_000_000_000
 
 
-def _node() -> tuple[Supervisor, _Producer]:
-    settings = WorkerSettings(_env_file=None, node_id="admission-test")  # type: ignore[call-arg]
+def _node(distilled: bool = False) -> tuple[Supervisor, _Producer]:
+    """A supervisor with its admission and redelivery over a recording producer."""
+    settings = WorkerSettings(_env_file=None, node_id="admission-test", distilled=distilled)  # type: ignore[call-arg]
     store = SimpleNamespace(finished=_nothing)
     supervisor = Supervisor(settings, engine=None, store=store, policy=None)  # type: ignore[arg-type]
     producer = _Producer()
-    supervisor.emitter = Emitter(producer, TOPICS, settings.node_id)
-    supervisor.control = SimpleNamespace(cancelled=lambda job_id: None)  # type: ignore[assignment]
+    supervisor.emitter = Emitter(producer, TOPICS, settings.node_id)  # type: ignore[arg-type]
+    cancels = SimpleNamespace(cancelled=lambda job_id: None)
+    supervisor.admission = Admission(
+        supervisor.emitter,
+        cancels,
+        store,  # type: ignore[arg-type]
+        Metrics(),
+        lease_s=settings.lease_s,
+        distilled=distilled,
+    )
+    supervisor.redelivery = Redelivery(supervisor.admission, supervisor.claim_tries, 0.0)
     supervisor.retry_pause_s = 0.0
     return supervisor, producer
 
@@ -87,12 +102,10 @@ async def _nothing(job_id: Any) -> None:
     return None
 
 
-async def _admit(value: bytes | None) -> tuple[Any, _Producer]:
-    supervisor, producer = _node()
-    record = _Record(value)
-    ref = RecordRef(topic=record.topic, partition=record.partition, offset=record.offset)
-    job = await supervisor._admit(record, ref)
-    return job, producer
+async def _admit(value: bytes | None, distilled: bool = False) -> tuple[Any, _Producer]:
+    supervisor, producer = _node(distilled)
+    admitted = await supervisor.admission.admit(_Record(value))
+    return (admitted if isinstance(admitted, JobRequest) else None), producer
 
 
 def _outcome(job: Any, producer: _Producer, value: bytes | None) -> str:
@@ -236,6 +249,9 @@ class _Consumer:
     def assignment(self) -> set[TopicPartition]:
         return {self.tp}
 
+    def subscription(self) -> set[str]:
+        return {TOPICS.requests}
+
     def pause(self, *tps: Any) -> None:
         pass
 
@@ -247,6 +263,10 @@ class _Consumer:
 
     async def commit(self, offsets: dict[Any, int]) -> None:
         self.commits.extend(offsets.values())
+
+
+def _claims(consumer: _Consumer) -> Claims:
+    return Claims(consumer, TOPICS.requests, on_left=lambda: None)  # type: ignore[arg-type]
 
 
 async def test_a_record_whose_event_cannot_be_built_is_set_aside_at_once(
@@ -262,7 +282,7 @@ async def test_a_record_whose_event_cannot_be_built_is_set_aside_at_once(
 
     monkeypatch.setattr("i2v_fleet.consumer.events.FailedEvent", broken)
     record = _Record(json.dumps({"job_id": JOB_ID, "num_frames": 80}).encode(), offset=41)
-    await supervisor._serve(consumer, record, waiting=False)
+    await supervisor._serve(_claims(consumer), record, waiting=False)
     assert consumer.commits == [42]
     ((value, _, headers),) = producer.on(TOPICS.dlq)
     assert value == record.value
@@ -280,7 +300,7 @@ async def test_broker_trouble_is_retried_a_bounded_number_of_times() -> None:
     value = json.dumps({"job_id": JOB_ID, "num_frames": 80}).encode()
     record = _Record(value, offset=9)
     for attempt in range(1, supervisor.claim_tries + 1):
-        await supervisor._serve(consumer, record, waiting=False)
+        await supervisor._serve(_claims(consumer), record, waiting=False)
         if attempt < supervisor.claim_tries:
             assert consumer.commits == []
             assert consumer.seeks[-1] == 9
@@ -289,7 +309,7 @@ async def test_broker_trouble_is_retried_a_bounded_number_of_times() -> None:
     assert b"fetched 5 times" in headers["i2v-error-message"]
     # Another record starts its own count.
     record = _Record(value, offset=10)
-    await supervisor._serve(consumer, record, waiting=False)
+    await supervisor._serve(_claims(consumer), record, waiting=False)
     assert consumer.commits == [10]
 
 
@@ -301,10 +321,10 @@ async def test_a_dlq_that_refuses_too_keeps_the_record() -> None:
     producer.fail = KafkaConnectionError("broker went away")
     record = _Record(b"not json", offset=3)
     for _ in range(supervisor.claim_tries + 2):
-        await supervisor._serve(consumer, record, waiting=False)
+        await supervisor._serve(_claims(consumer), record, waiting=False)
     assert consumer.commits == []
     producer.fail = None
-    await supervisor._serve(consumer, record, waiting=False)
+    await supervisor._serve(_claims(consumer), record, waiting=False)
     assert consumer.commits == [4]
     assert len(producer.on(TOPICS.dlq)) == 1
 
@@ -337,12 +357,8 @@ async def test_a_preset_the_node_does_not_serve_fails_preset_unavailable(
     """Turbo runs only on DISTILLED nodes, which run nothing else; the other kind of node
     fails the job at claim with `preset_unavailable` (final: the same node would refuse it
     again), naming the preset and what serves it, and never starts it."""
-    supervisor, producer = _node()
-    supervisor.settings = supervisor.settings.model_copy(update={"distilled": distilled})
     value = _job_record(preset)
-    record = _Record(value)
-    ref = RecordRef(topic=record.topic, partition=record.partition, offset=record.offset)
-    job = await supervisor._admit(record, ref)
+    job, producer = await _admit(value, distilled)
     assert _outcome(job, producer, value) == expected
     if expected == "failed":
         ((raw, _, _),) = producer.on(TOPICS.status)

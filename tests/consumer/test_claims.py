@@ -1,4 +1,4 @@
-"""Claim bookkeeping in the supervisor, with a fake consumer (unit layer, no broker)."""
+"""Claims and the supervisor's claim sequence, with a fake consumer (unit layer, no broker)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
+from i2v_fleet.consumer.claims import Claims, claim_oldest
+from i2v_fleet.consumer.outcome import SUCCEEDED, Outcome
+from i2v_fleet.consumer.redelivery import Redelivery
 from i2v_fleet.consumer.settings import WorkerSettings
-from i2v_fleet.consumer.supervisor import Supervisor, _claim_oldest
+from i2v_fleet.consumer.supervisor import Supervisor
+from i2v_fleet.schemas import JobRequest
 
 
 @dataclass
@@ -33,6 +37,7 @@ class _FakeConsumer:
     ends: dict[TopicPartition, int] = field(default_factory=dict)
     positions: dict[TopicPartition, int] = field(default_factory=dict)
     subscribed: bool = True
+    batches: list[dict[TopicPartition, list[Any]]] = field(default_factory=list)
 
     def subscription(self) -> set[str]:
         return {"r"} if self.subscribed else set()
@@ -65,7 +70,7 @@ class _FakeConsumer:
 
     async def getmany(self, timeout_ms: int = 0) -> dict[Any, Any]:
         await asyncio.sleep(0.01)  # like the real one, it yields to the running job
-        return {}
+        return self.batches.pop(0) if self.batches else {}
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         self.commits.append(offsets)
@@ -79,12 +84,16 @@ def test_the_oldest_head_is_claimed_and_the_rest_rewound() -> None:
         t1: [_Record("r", 1, 5, 1000), _Record("r", 1, 6, 3000)],
     }
     consumer = _FakeConsumer({t0, t1})
-    chosen = _claim_oldest(consumer, batch)
+    chosen = claim_oldest(consumer, batch)  # type: ignore[arg-type]
     assert (chosen.partition, chosen.offset) == (1, 5)
     assert sorted(consumer.seeks, key=lambda s: s[0].partition) == [(t0, 10), (t1, 6)]
 
 
-_JOB = SimpleNamespace(job_id="3f2b8c1e-1d2a-4c55-9d7e-0b1f2a3c4d5e")
+_JOB = JobRequest(
+    job_id="3f2b8c1e-1d2a-4c55-9d7e-0b1f2a3c4d5e",
+    prompt="a cat",
+    image={"url": "https://a.io/x.png"},
+)
 
 
 def _supervisor(idle: tuple[str, ...] = ("idle-node",), **env: Any) -> Supervisor:
@@ -94,9 +103,39 @@ def _supervisor(idle: tuple[str, ...] = ("idle-node",), **env: Any) -> Superviso
     )
     supervisor = Supervisor(settings, engine=None, store=None, policy=None)  # type: ignore[arg-type]
     supervisor.retry_pause_s = 0.0
-    supervisor.lag_check_s = 0.01
     supervisor.peers = SimpleNamespace(idle_peers=lambda max_age_s, idle_for_s: idle)  # type: ignore[assignment]
+    supervisor.redelivery = Redelivery(None, supervisor.claim_tries, 0.0)  # type: ignore[arg-type]
     return supervisor
+
+
+def _claims(supervisor: Supervisor, consumer: _FakeConsumer) -> Claims:
+    claims = Claims(consumer, "r", on_left=supervisor.metrics.group_leaves.inc)  # type: ignore[arg-type]
+    claims.lag_check_s = 0.01
+    return claims
+
+
+async def _serve(
+    supervisor: Supervisor, consumer: _FakeConsumer, record: _Record, *others: _Record
+) -> None:
+    """Fetch `record` (with `others` fetched behind it) and serve it, as the node's loop does."""
+    tp = TopicPartition(record.topic, record.partition)
+    consumer.batches.append({tp: [record, *others]})
+    claims = _claims(supervisor, consumer)
+    fetched = await claims.fetch()
+    assert fetched is not None
+    await supervisor._serve(claims, *fetched)
+
+
+def _admit(supervisor: Supervisor, admit: Any) -> None:
+    supervisor.admission = SimpleNamespace(admit=admit)  # type: ignore[assignment]
+
+
+def _run(supervisor: Supervisor, run: Any) -> None:
+    async def wrapped(job: Any, ref: Any) -> Outcome:
+        await run(job, ref)
+        return SUCCEEDED
+
+    supervisor.runner = SimpleNamespace(run=wrapped)  # type: ignore[assignment]
 
 
 async def test_a_claim_that_fails_is_not_committed(monkeypatch: Any) -> None:
@@ -106,11 +145,11 @@ async def test_a_claim_that_fails_is_not_committed(monkeypatch: Any) -> None:
     consumer = _FakeConsumer({tp})
     supervisor = _supervisor()
 
-    async def broken(record: Any, ref: Any) -> None:
+    async def broken(record: Any) -> None:
         raise ConnectionError("broker went away")
 
-    monkeypatch.setattr(supervisor, "_admit", broken)
-    await supervisor._serve(consumer, _Record("r", 0, 42, 0), waiting=False)
+    _admit(supervisor, broken)
+    await _serve(supervisor, consumer, _Record("r", 0, 42, 0))
     assert consumer.commits == []
     assert consumer.seeks[-1] == (tp, 42)
     assert not consumer.paused_set
@@ -124,16 +163,16 @@ async def test_a_claim_is_committed_before_the_job_runs(monkeypatch: Any) -> Non
     supervisor = _supervisor()
     seen: list[Any] = []
 
-    async def admit(record: Any, ref: Any) -> Any:
+    async def admit(record: Any) -> Any:
         return _JOB
 
     async def execute(job: Any, ref: Any) -> None:
         seen.append((list(consumer.commits), set(consumer.paused_set), consumer.subscribed))
         await asyncio.sleep(0.1)
 
-    monkeypatch.setattr(supervisor, "_admit", admit)
-    monkeypatch.setattr(supervisor, "_execute", execute)
-    await supervisor._serve(consumer, _Record("r", 0, 42, 0), waiting=False)
+    _admit(supervisor, admit)
+    _run(supervisor, execute)
+    await _serve(supervisor, consumer, _Record("r", 0, 42, 0))
     assert seen == [([{tp: 43}], {tp, other}, True)]
     assert consumer.subscribed
     assert not consumer.paused_set
@@ -146,10 +185,10 @@ async def test_a_busy_node_leaves_the_group_when_records_wait(monkeypatch: Any) 
     supervisor = _supervisor()
     left_while_running: list[bool] = []
 
-    async def admit(record: Any, ref: Any) -> Any:
+    async def admit(record: Any) -> Any:
         return _JOB
 
-    monkeypatch.setattr(supervisor, "_admit", admit)
+    _admit(supervisor, admit)
 
     # Waiting at claim time: leaves at once.
     consumer = _FakeConsumer({tp})
@@ -158,8 +197,8 @@ async def test_a_busy_node_leaves_the_group_when_records_wait(monkeypatch: Any) 
         await asyncio.sleep(0.1)
         left_while_running.append(not consumer.subscribed)
 
-    monkeypatch.setattr(supervisor, "_execute", execute)
-    await supervisor._serve(consumer, _Record("r", 0, 42, 0), waiting=True)
+    _run(supervisor, execute)
+    await _serve(supervisor, consumer, _Record("r", 0, 42, 0), _Record("r", 0, 43, 0))
     assert left_while_running == [True]
 
     # A record lands behind the job later: the lag check sees it and leaves.
@@ -174,8 +213,8 @@ async def test_a_busy_node_leaves_the_group_when_records_wait(monkeypatch: Any) 
         await asyncio.sleep(0.2)
         left_while_running.append(not consumer.subscribed)
 
-    monkeypatch.setattr(supervisor, "_execute", execute_then_lag)
-    await supervisor._serve(consumer, _Record("r", 0, 42, 0), waiting=False)
+    _run(supervisor, execute_then_lag)
+    await _serve(supervisor, consumer, _Record("r", 0, 42, 0))
     assert left_while_running == [True, True]
     assert supervisor.metrics.group_leaves._value.get() == 2
 
@@ -192,7 +231,7 @@ async def test_staying_keeps_the_partitions_paused(
     supervisor = _supervisor(idle, leave_group_while_busy=policy)
     consumer = _FakeConsumer({tp}, ends={tp: 50}, positions={tp: 43})
 
-    async def admit(record: Any, ref: Any) -> Any:
+    async def admit(record: Any) -> Any:
         return _JOB
 
     async def execute(job: Any, ref: Any) -> None:
@@ -200,7 +239,7 @@ async def test_staying_keeps_the_partitions_paused(
         assert consumer.subscribed
         assert consumer.paused_set == {tp}
 
-    monkeypatch.setattr(supervisor, "_admit", admit)
-    monkeypatch.setattr(supervisor, "_execute", execute)
-    await supervisor._serve(consumer, _Record("r", 0, 42, 0), waiting=True)
+    _admit(supervisor, admit)
+    _run(supervisor, execute)
+    await _serve(supervisor, consumer, _Record("r", 0, 42, 0), _Record("r", 0, 43, 0))
     assert consumer.subscribed

@@ -11,6 +11,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from i2v_fleet.consumer.events import Emitter
+from i2v_fleet.consumer.kafka import AioKafkaClients
 from i2v_fleet.consumer.metrics import Metrics
 from i2v_fleet.consumer.reaper import PartitionState, Reaper, apply_event
 from i2v_fleet.consumer.settings import WorkerSettings
@@ -210,7 +211,8 @@ async def test_an_expired_lease_is_republished_then_marked_and_exhaustion_dead_l
 
     producer = AIOKafkaProducer(**kafka.client_kwargs(), acks="all")
     await producer.start()
-    reaper = Reaper(settings, producer, Emitter(producer, topics, "reaper-node"), Metrics())
+    clients = AioKafkaClients(settings.kafka_kwargs())
+    reaper = Reaper(settings, clients, Emitter(producer, topics, "reaper-node"), Metrics())
     await reaper.start()
     try:
         # Written while it follows: a last attempt expiring, and a lease kept alive.
