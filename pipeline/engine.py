@@ -3,6 +3,10 @@
 Owns the order of work for one generation (encode, condition, denoise with guidance,
 decode) and its step control. Must never know about jobs, Kafka or storage: callers pass
 plain parameters plus `on_progress` / `should_stop` and get a small dataclass back.
+
+Over 400 lines on purpose, as diffusers' pipelines are: one linear pass with numbered steps
+is easier to check against the reference than the same steps spread over modules; its
+helpers (attention, caches, parallel, VAE parallel, video) already live apart.
 """
 
 from __future__ import annotations
