@@ -1,7 +1,8 @@
 """Stand-in engines for tests: the host's interface with a scripted behaviour and no model.
 
 Owns the behaviours tests need from an engine, one per job in order (the last repeats), as
-Cog's test predictors do: `sleep:S` (S seconds of steps, then a real small MP4), `fail:CODE`
+Cog's test predictors do: `sleep:S` (S seconds of steps, then a real MP4), `pace:S` (S
+seconds for each of the job's `infer_steps`, as a model would take longer), `fail:CODE`
 (the engine reports that error), `die` (the engine exits mid-job), `stall` (it stops
 answering mid-job). Must never be selected on a production node: the worker's settings
 refuse STANDIN_ENGINE unless I2V_TEST_TOOLS is set.
@@ -28,7 +29,7 @@ from .wire import (
     StopWhy,
 )
 
-KINDS = ("sleep", "fail", "die", "stall", "misconfigured")
+KINDS = ("sleep", "pace", "fail", "die", "stall", "misconfigured")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ def parse(spec: str) -> list[Behaviour]:
             )
         if kind == "sleep":
             found.append(Behaviour(kind, seconds=float(arg or 0.2)))
+        elif kind == "pace":
+            found.append(Behaviour(kind, seconds=float(arg or 0.1)))
         elif kind == "fail":
             code, _, retry = (arg or "internal").partition("/")
             found.append(Behaviour(kind, code=code, retryable=retry == "retryable"))
@@ -117,9 +120,11 @@ class StandInEngine:
         if behaviour.kind == "fail":
             message = "the stand-in engine failed (as the test asked)"
             raise job_error(JobFailed(job.job_id, behaviour.code, message, behaviour.retryable))
-        # Steps of at most a quarter second, so progress shows soon in a long stand-in job.
-        steps = max(self.steps, math.ceil(behaviour.seconds / 0.25))
-        step_s = behaviour.seconds / steps if behaviour.kind == "sleep" else 0.01
+        if behaviour.kind == "pace":  # the job's own steps, each taking the same time
+            steps, step_s = max(1, job.request.infer_steps), behaviour.seconds
+        else:  # steps of at most a quarter second, so progress shows soon in a long job
+            steps = max(self.steps, math.ceil(behaviour.seconds / 0.25))
+            step_s = behaviour.seconds / steps if behaviour.kind == "sleep" else 0.01
         for step in range(1, steps + 1):
             # A real engine looks for a stop between steps; a stand-in step is short slices.
             step_ends = time.monotonic() + step_s

@@ -1,7 +1,10 @@
 """A fleet of real `i2v worker` processes on the local stack, and a recorder of its events.
 
-Each node is its own process tree (supervisor + engine), configured only through the
-environment, so killing, freezing and terminating it are what an operator would do.
+Each node is its own process, configured only through the environment, so killing,
+freezing and terminating it are what an operator would do. The fleet proves delivery, not
+generation: its nodes run the stand-in engine `pace:0.1` (each of a job's `infer_steps`
+takes 0.1 s, then a real MP4 is stored), unless a test passes STANDIN_ENGINE="" for the
+tiny model in an engine process of its own.
 """
 
 from __future__ import annotations
@@ -129,6 +132,8 @@ class Fleet:
             "KAFKA_SESSION_TIMEOUT_MS": "4000",
             "KAFKA_MAX_POLL_INTERVAL_MS": "6000",
             "OMP_NUM_THREADS": "1",
+            "STANDIN_ENGINE": "pace:0.1",
+            "I2V_TEST_TOOLS": "true",
             **{f"I2V_TOPIC_{role.upper()}": name for role, name in topics},
             **env,
         }

@@ -49,9 +49,9 @@ def bench_worker(
     tiny_model_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Any]:
-    """A tiny-model worker on fresh topics, patient with a loaded machine: a cheap job's
-    silent VAE decode took 17 s on two busy cores, near the suite's 20 s stall limit."""
-    env = {"ENGINE_STALL_TIMEOUT": "120"}
+    """A real worker on fresh topics with the stand-in engine (each step 0.1 s, then a real
+    MP4): bench and monitor measure the fleet from its events, not the model."""
+    env = {"STANDIN_ENGINE": "pace:0.1", "I2V_TEST_TOOLS": "true"}
     yield from run_worker(cluster, worker_topics, tiny_model_dir, tmp_path_factory, env)
 
 
