@@ -27,6 +27,7 @@ from PIL import Image
 
 from i2v_fleet.consumer.engine import EngineConfig, EngineHost, JobDone, RunJob
 from i2v_fleet.pipeline import GenerationRequest, write_tiny_model
+from i2v_fleet.pipeline.layout import ParallelLayout
 
 LAYOUTS: dict[str, dict[str, Any]] = {
     "1 rank": {},
@@ -103,7 +104,8 @@ def main() -> None:
         base = EngineConfig(model_dir=str(model), device="cpu", collective_timeout_s=600)
         baseline: float | None = None
         for name, fields in LAYOUTS.items():
-            result = asyncio.run(_measure(replace(base, **fields), request, Path(tmp) / "out"))
+            config = replace(base, layout=ParallelLayout(**fields))
+            result = asyncio.run(_measure(config, request, Path(tmp) / "out"))
             step_s = result["timings"]["denoising"] / args.steps
             baseline = baseline or step_s
             lines.append(

@@ -21,7 +21,6 @@ import gc
 import os
 import queue
 import resource
-import socket
 import sys
 import tempfile
 from datetime import timedelta
@@ -30,6 +29,8 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+
+from i2v_fleet.connection import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -114,9 +115,7 @@ def run(world: int, *args: Any) -> list[dict[str, Any]]:
     """`load_in_rank` on `world` spawned gloo ranks; each rank's result, in rank order."""
     ctx = mp.get_context("spawn")
     results: Any = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [
         ctx.Process(target=_entry, args=(rank, world, port, results, args)) for rank in range(world)
     ]

@@ -57,6 +57,18 @@ class OpenJob:
     request: JobRequest | None = None
     ref: RecordRef | None = None
 
+    @classmethod
+    def of(cls, event: StartedEvent | HeartbeatEvent) -> OpenJob:
+        """The attempt an event shows running (a heartbeat carries no request, only its ref)."""
+        return cls(
+            attempt=event.attempt,
+            seq=event.seq,
+            node_id=event.node_id,
+            lease_expires_at=event.lease_expires_at,
+            request=event.request if isinstance(event, StartedEvent) else None,
+            ref=event.request_ref,
+        )
+
 
 @dataclass
 class PartitionState:
@@ -105,14 +117,7 @@ class Reaper:
 
     async def start(self) -> None:
         s = self.settings
-        self._consumer = self.clients.consumer(
-            group_id=s.reapers_group,
-            enable_auto_commit=False,
-            auto_offset_reset="latest",
-            heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
-            session_timeout_ms=s.kafka_session_timeout_ms,
-            max_poll_interval_ms=s.kafka_max_poll_interval_ms,
-        )
+        self._consumer = self.clients.consumer(**s.group_member(s.reapers_group, "latest"))
         await self._consumer.start()
         self._consumer.subscribe([self.topics.status], listener=_Listener(self))
         self._task = asyncio.create_task(self._run(), name="i2v-reaper")
@@ -324,25 +329,12 @@ def apply_event(state: PartitionState, event: Any, now: float) -> None:
             del state.open[job_id]
         return
     if isinstance(event, StartedEvent):
-        state.open[job_id] = OpenJob(
-            attempt=event.attempt,
-            seq=event.seq,
-            node_id=event.node_id,
-            lease_expires_at=event.lease_expires_at,
-            request=event.request,
-            ref=event.request_ref,
-        )
+        state.open[job_id] = OpenJob.of(event)
     elif isinstance(event, HeartbeatEvent):
         if current is None or event.attempt > current.attempt:
             # Its `started` is older than the look-back window (or another attempt's):
             # the heartbeat's reference is enough to re-publish.
-            state.open[job_id] = OpenJob(
-                attempt=event.attempt,
-                seq=event.seq,
-                node_id=event.node_id,
-                lease_expires_at=event.lease_expires_at,
-                ref=event.request_ref,
-            )
+            state.open[job_id] = OpenJob.of(event)
         else:
             current.lease_expires_at = max(current.lease_expires_at, event.lease_expires_at)
             current.seq = max(current.seq, event.seq)

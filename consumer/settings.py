@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -306,42 +306,20 @@ class WorkerSettings(BaseSettings):
             }
         )
 
+    def group_member(self, group_id: str, offset_reset: str) -> dict[str, Any]:
+        """Options of a consumer-group member of this node (claims or reaper): manual
+        commits, and the group timings KAFKA_HEARTBEAT_INTERVAL_MS, KAFKA_SESSION_TIMEOUT_MS,
+        KAFKA_MAX_POLL_INTERVAL_MS."""
+        return {
+            "group_id": group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": offset_reset,
+            "heartbeat_interval_ms": self.kafka_heartbeat_interval_ms,
+            "session_timeout_ms": self.kafka_session_timeout_ms,
+            "max_poll_interval_ms": self.kafka_max_poll_interval_ms,
+        }
+
     def kafka_kwargs(self) -> dict[str, Any]:
         """Connection arguments for every aiokafka client of the node (the SDK's, named
         after this node)."""
         return {**self.kafka.client_kwargs(), "client_id": f"i2v-worker-{self.node_id}"}
-
-    # -- the flat names of before i2v_fleet.connection, for consumer/worker.py and
-    # consumer/ops.py until they read `object_store` and `kafka` themselves ----------------
-
-    @property
-    def kafka_bootstrap_servers(self) -> str:
-        return self.kafka.bootstrap_servers
-
-    @property
-    def minio_endpoint(self) -> str:
-        return self.object_store.endpoint
-
-    @property
-    def minio_access_key(self) -> str:
-        return self.object_store.access_key
-
-    @property
-    def minio_secret_key(self) -> SecretStr:
-        return self.object_store.secret_key
-
-    @property
-    def minio_bucket(self) -> str:
-        return self.object_store.bucket
-
-    @property
-    def minio_secure(self) -> bool:
-        return self.object_store.secure
-
-    @property
-    def minio_ca_file(self) -> str | None:
-        return self.object_store.ca_file
-
-    @property
-    def minio_region(self) -> str | None:
-        return self.object_store.region

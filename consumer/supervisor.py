@@ -212,14 +212,7 @@ class Supervisor:
         await self.store.ensure_bucket()
         await self.engine.start()
         await self.reaper.start()
-        consumer = self.clients.consumer(
-            group_id=s.workers_group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
-            session_timeout_ms=s.kafka_session_timeout_ms,
-            max_poll_interval_ms=s.kafka_max_poll_interval_ms,
-        )
+        consumer = self.clients.consumer(**s.group_member(s.workers_group, "earliest"))
         self.claims = Claims(consumer, self.topics.requests, on_left=self.metrics.group_leaves.inc)
         await consumer.start()
         return self.claims

@@ -65,6 +65,18 @@ def build_lanes(settings: WorkerSettings) -> list[Supervisor]:
     return [build(settings.lane(i), layout, tuple(share)) for i, share in enumerate(shares)]
 
 
+def result_store(settings: WorkerSettings) -> ResultStore:
+    """The node's object store (MINIO_*), with its presign, retention and image limits."""
+    return ResultStore(
+        StoreConfig.from_settings(
+            settings.object_store,
+            presign_expiry_s=settings.presign_expiry_s,
+            retention_days=settings.output_retention_days,
+            max_image_bytes=settings.max_image_bytes,
+        )
+    )
+
+
 def build(
     settings: WorkerSettings,
     layout: ParallelLayout | None = None,
@@ -76,20 +88,7 @@ def build(
     its Kafka clients (aiokafka's from the settings by default)."""
     s = settings
     layout = layout or ParallelLayout(t5_cpu=s.t5_cpu)
-    store = ResultStore(
-        StoreConfig(
-            endpoint=s.minio_endpoint,
-            access_key=s.minio_access_key,
-            secret_key=s.minio_secret_key.get_secret_value(),
-            bucket=s.minio_bucket,
-            secure=s.minio_secure,
-            ca_file=s.minio_ca_file or None,
-            region=s.minio_region,
-            presign_expiry_s=s.presign_expiry_s,
-            retention_days=s.output_retention_days,
-            max_image_bytes=s.max_image_bytes,
-        )
-    )
+    store = result_store(s)
     policy = FetchPolicy.from_env_value(
         s.allowed_hosts, max_bytes=s.max_image_bytes, deadline_s=s.fetch_timeout_s
     )
@@ -102,13 +101,7 @@ def build(
         EngineConfig(
             model_dir=str(s.model_ckpt_dir),
             device=s.device,
-            t5_cpu=layout.t5_cpu,
-            nproc=layout.nproc,
-            ulysses_size=layout.ulysses_size,
-            cfg_size=layout.cfg_size,
-            dit_fsdp=layout.dit_fsdp,
-            t5_fsdp=layout.t5_fsdp,
-            vae_parallel=layout.vae_parallel,
+            layout=layout,
             cards=cards,
             collective_timeout_s=s.collective_timeout_s,
             attention_backend=s.attention_backend,

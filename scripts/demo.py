@@ -10,7 +10,6 @@ import asyncio
 import base64
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from i2v_fleet.connection import free_port
 from i2v_fleet.producer_sdk import KafkaSettings, TopicSettings
 from i2v_fleet.schemas import JOB_EVENT_ADAPTER, PROGRESS_ADAPTER, JobRequest, SucceededEvent
 
@@ -31,9 +31,7 @@ console = Console(highlight=False)
 
 
 def start_worker() -> tuple[subprocess.Popen[bytes], int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     OUT.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,

@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from i2v_fleet.connection import free_port
 from i2v_fleet.consumer.errors import InternalError
 
 from .child import engine_main
@@ -200,7 +201,7 @@ class EngineHost:
         failed, or a rank gone) or EngineDied when none came within the start timeout."""
         loop = asyncio.get_running_loop()
         ctx = mp.get_context("spawn")
-        init = f"tcp://127.0.0.1:{_free_port()}"
+        init = f"tcp://127.0.0.1:{free_port()}"
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._queue = queue
         deliver = functools.partial(self._deliver, queue)
@@ -267,14 +268,6 @@ class EngineHost:
                 await asyncio.to_thread(self._conns[0].send, message)
             except OSError as exc:  # rank 0's pipe is gone: so is the engine
                 raise EngineDied(f"the engine's pipe is closed: {exc}") from None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _read_pipe(

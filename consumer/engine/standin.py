@@ -14,7 +14,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .failures import EngineDied, EngineMisconfigured, job_error
@@ -125,6 +125,8 @@ class StandInEngine:
         else:  # steps of at most a quarter second, so progress shows soon in a long job
             steps = max(self.steps, math.ceil(behaviour.seconds / 0.25))
             step_s = behaviour.seconds / steps if behaviour.kind == "sleep" else 0.01
+        # The engine's phases in its order: prompt, denoising steps, decoding.
+        await on_progress(JobProgress(job.job_id, "encoding_prompt", 2, 2))
         for step in range(1, steps + 1):
             # A real engine looks for a stop between steps; a stand-in step is short slices.
             step_ends = time.monotonic() + step_s
@@ -146,9 +148,14 @@ class StandInEngine:
                     f"the engine sent nothing for {behaviour.seconds:.1f} s "
                     "(ENGINE_STALL_TIMEOUT); it was stopped"
                 )
-        return await asyncio.to_thread(self._video, job, time.perf_counter() - started)
+        denoised = time.perf_counter()
+        await on_progress(JobProgress(job.job_id, "decoding", 0, 1))
+        done = await asyncio.to_thread(self._video, job)
+        await on_progress(JobProgress(job.job_id, "decoding", 1, 1))
+        timings = {"denoising": denoised - started, "decoding": time.perf_counter() - denoised}
+        return replace(done, timings=timings)
 
-    def _video(self, job: RunJob, seconds: float) -> JobDone:
+    def _video(self, job: RunJob) -> JobDone:
         """A real, small MP4 and poster at the job's size (grey frames), as the engine's."""
         import numpy as np
 
@@ -169,5 +176,4 @@ class StandInEngine:
             frames,
             job.fps,
             request.seed if request.seed is not None else 0,
-            {"denoising": seconds},
         )

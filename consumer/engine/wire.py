@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from i2v_fleet.pipeline.layout import ParallelLayout  # pure Python: no torch
+
 
 class StopWhy(StrEnum):
     """Why a job was asked to stop; it comes back on the JobStopped so the caller can tell
@@ -145,13 +147,8 @@ class EngineConfig:
 
     model_dir: str
     device: str | None = None
-    t5_cpu: bool = False
-    nproc: int = 1
-    ulysses_size: int = 1
-    cfg_size: int = 1
-    dit_fsdp: bool = False
-    t5_fsdp: bool = False
-    vae_parallel: bool = False
+    layout: ParallelLayout = field(default_factory=ParallelLayout)
+    """How the ranks share a job (NPROC, ULYSSES_SIZE, CFG_SIZE, FSDP, T5_CPU, ...)."""
     cards: tuple[int, ...] = ()
     """The device indices of this engine's ranks (a lane's cards); () = 0..nproc-1."""
     collective_timeout_s: float = 600.0
@@ -169,18 +166,8 @@ class EngineConfig:
     """Testing only: `kind:rank:step` makes a rank fail (see `faults.install_fault`)."""
 
     @property
-    def layout(self) -> Any:
-        from i2v_fleet.pipeline.layout import ParallelLayout
-
-        return ParallelLayout(
-            nproc=self.nproc,
-            ulysses_size=self.ulysses_size,
-            cfg_size=self.cfg_size,
-            dit_fsdp=self.dit_fsdp,
-            t5_fsdp=self.t5_fsdp,
-            t5_cpu=self.t5_cpu,
-            vae_parallel=self.vae_parallel,
-        )
+    def nproc(self) -> int:
+        return self.layout.nproc
 
     def rank_device(self, rank: int) -> str:
         """This rank's device: its card of the lane on cuda/npu, the CPU otherwise."""

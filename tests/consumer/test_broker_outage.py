@@ -86,7 +86,14 @@ def outage_worker(
     tiny_model_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Any]:
-    env = {"BROKER_CHECK_S": "1", "SHUTDOWN_GRACE": str(GRACE_S), "NODE_ID": "outage-node"}
+    env = {
+        "BROKER_CHECK_S": "1",
+        "SHUTDOWN_GRACE": str(GRACE_S),
+        "NODE_ID": "outage-node",
+        # The node's behaviour in an outage, not the model's: a stand-in engine, 0.5 s a step.
+        "STANDIN_ENGINE": "pace:0.5",
+        "I2V_TEST_TOOLS": "true",
+    }
     yield from run_worker(durable_cluster, outage_topics, tiny_model_dir, tmp_path_factory, env)
 
 

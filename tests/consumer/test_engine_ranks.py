@@ -32,6 +32,7 @@ from i2v_fleet.consumer.engine import (
     StopWhy,
 )
 from i2v_fleet.consumer.errors import JobError
+from i2v_fleet.pipeline.layout import ParallelLayout
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -58,14 +59,15 @@ def _job(out: Path, steps: int = 4, seed: int = 3) -> RunJob:
 
 
 def _config(model: Path, **fields: Any) -> EngineConfig:
+    """Two Ulysses ranks on the CPU; layout fields (nproc=...) and others (fault=...) apply."""
     base = EngineConfig(
         model_dir=str(model),
         device="cpu",
-        nproc=2,
-        ulysses_size=2,
+        layout=ParallelLayout(nproc=2, ulysses_size=2),
         collective_timeout_s=COLLECTIVE_TIMEOUT_S,
     )
-    return replace(base, **fields)
+    shape = {k: fields.pop(k) for k in list(fields) if k in ParallelLayout.__dataclass_fields__}
+    return replace(base, layout=replace(base.layout, **shape), **fields)
 
 
 async def _started(config: EngineConfig) -> EngineHost:

@@ -42,9 +42,14 @@ def test_each_lane_is_its_own_member_with_its_own_port_and_work_dir() -> None:
 
 
 def test_every_rank_gets_its_card_of_the_lane() -> None:
-    config = EngineConfig(model_dir="/m", device="cuda", nproc=4, cards=(4, 5, 6, 7))
+    config = EngineConfig(
+        model_dir="/m", device="cuda", layout=ParallelLayout(nproc=4), cards=(4, 5, 6, 7)
+    )
     assert [config.rank_device(r) for r in range(4)] == ["cuda:4", "cuda:5", "cuda:6", "cuda:7"]
-    assert EngineConfig(model_dir="/m", device="cpu", nproc=4).rank_device(3) == "cpu"
+    assert (
+        EngineConfig(model_dir="/m", device="cpu", layout=ParallelLayout(nproc=4)).rank_device(3)
+        == "cpu"
+    )
 
 
 def test_an_impossible_layout_is_refused_before_loading_with_what_would_work(

@@ -1,7 +1,9 @@
 """`i2v worker` with several ranks per engine, and with lanes, on the local stack (CPU, gloo).
 
 `NPROC=4 ULYSSES_SIZE=2 CFG_SIZE=2` (plus FSDP, T5 on rank 0 and VAE parallel) serves a
-job end to end; `LANES=2 NPROC=2` runs two engines that claim and compute two jobs at once.
+job end to end with the tiny model; `LANES=2` runs two lanes (two supervisors, each with its
+own engine: here the stand-in engine, the ranks being covered above) that claim and run two
+jobs at once.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def lanes_worker(
     tiny_model_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Any]:
-    env = {"LANES": "2", "NPROC": "2", "ENGINE_STALL_TIMEOUT": "90"}
+    env = {"LANES": "2", "STANDIN_ENGINE": "pace:1.0", "I2V_TEST_TOOLS": "true"}
     yield from run_worker(
         cluster, lanes_topics, tiny_model_dir, tmp_path_factory, env, ready_marks=2
     )

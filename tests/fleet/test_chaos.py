@@ -46,7 +46,7 @@ FAILPOINT_PLAN = [
     "before_claim",
     "after_commit",
 ]
-RANDOM_KILLS_AT = (15.0, 40.0, 65.0)  # seconds into the run: SIGKILL a random node
+RANDOM_KILLS_AT = (8.0, 22.0, 36.0)  # seconds into the run: SIGKILL a random node
 _JSON: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
 
 
@@ -85,9 +85,9 @@ async def test_kill_9_at_any_moment_loses_no_job(
     deaths: list[tuple[float, str]] = []
     async with StatusLog(cluster.kafka, fleet_topics.status) as status:
         began = time.monotonic()
-        # Paced like a steady producer (about what three CPU nodes sustain), so the time
-        # from a kill to the job's restart measures recovery, not a backlog ahead of it.
-        submitter = asyncio.create_task(_paced(cluster, fleet_topics.requests, records, 3.5))
+        # Paced like a steady producer the three nodes keep up with, so the time from a
+        # kill to the job's restart measures recovery, not a backlog ahead of it.
+        submitter = asyncio.create_task(_paced(cluster, fleet_topics.requests, records, 1.5))
         random_kills = list(RANDOM_KILLS_AT)
         pending_restart: dict[str, float] = {}
         wanted = [j.job_id for j in jobs]
@@ -99,7 +99,7 @@ async def test_kill_9_at_any_moment_loses_no_job(
 
         while not finished():
             now = time.monotonic()
-            # A liveness bound, not a speed target: runs take 4-7 minutes on 2 cores.
+            # A liveness bound, not a speed target: runs take 1-3 minutes on 2 cores.
             assert now - began < 600, "the chaos run did not finish in 10 minutes"
             if random_kills and now - began >= random_kills[0]:
                 random_kills.pop(0)

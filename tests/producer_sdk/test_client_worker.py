@@ -1,9 +1,11 @@
-"""The client against a real worker on the local stack, with the tiny model."""
+"""The client against a real worker on the local stack (its stand-in engine: a real MP4 after
+the engine's phases; the tiny model's own run is test_worker.py's)."""
 
 from __future__ import annotations
 
 import asyncio
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from i2v_fleet.producer_sdk import (
     partition_for,
 )
 from i2v_fleet.schemas import EventType, ProgressEvent, TopicNames
+from tests.conftest import Cluster, run_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.minio, pytest.mark.slow]
 
@@ -31,6 +34,18 @@ CHEAP = {
     "guidance_scale": 2.0,
     "seed": 3,
 }
+
+
+@pytest.fixture(scope="module")
+def worker(
+    cluster: Cluster,
+    worker_topics: TopicNames,
+    tiny_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Any]:
+    """`i2v worker` in its own process with the stand-in engine (0.2 s a step)."""
+    env = {"STANDIN_ENGINE": "pace:0.2", "I2V_TEST_TOOLS": "true"}
+    yield from run_worker(cluster, worker_topics, tiny_model_dir, tmp_path_factory, env)
 
 
 async def test_submit_watch_and_download(

@@ -51,6 +51,26 @@ print("request", JobRequest.__module__, Client.__name__, ProgressEvent.__name__)
 """
 
 
+def _documented_sdk_imports() -> set[str]:
+    """Every `from i2v_fleet... import ...` the README, docs and examples show a user,
+    except the node's and the engine's (they need the worker extra)."""
+    sources = [
+        ROOT / "README.md",
+        ROOT / "deploy" / "README.md",
+        ROOT / "producer_sdk" / "testing.py",
+    ]
+    sources += sorted((ROOT / "docs").glob("*.md")) + sorted((ROOT / "examples").glob("*.py"))
+    found = set()
+    for source in sources:
+        for line in source.read_text().splitlines():
+            line = line.strip()
+            if re.fullmatch(r"from i2v_fleet(\.[a-z_.]+)? import [A-Za-z_, ]+", line) and not (
+                ".consumer" in line or ".pipeline" in line
+            ):
+                found.add(line)
+    return found
+
+
 def _requirement_closure(name: str) -> set[str]:
     """The installed distributions that `name`'s base requirements pull in, recursively."""
     seen: set[str] = set()
@@ -151,6 +171,12 @@ def test_sdk_wheel_beside_an_app_with_generic_names(tmp_path: Path) -> None:
         [str(python), "-c", "import torch"], cwd=app, capture_output=True, text=True
     )
     assert heavy.returncode != 0, "the SDK-only install must not reach torch"
+    imports = sorted(_documented_sdk_imports())
+    assert len(imports) >= 5, imports
+    documented = subprocess.run(
+        [str(python), "-c", "\n".join(imports)], cwd=app, capture_output=True, text=True
+    )
+    assert documented.returncode == 0, documented.stderr
     for args in (["--version"], ["submit", "--help"], ["asyncapi", "--help"], ["dev", "--help"]):
         cli = subprocess.run(
             [str(env_dir / "bin" / "i2v"), *args], cwd=app, capture_output=True, text=True
