@@ -29,6 +29,8 @@ from i2v_fleet.producer_sdk.devstack import DevStack, StackConfig, free_port
 from i2v_fleet.producer_sdk.settings import KafkaSettings, ObjectStoreSettings
 from i2v_fleet.schemas import TopicNames, topic_specs
 
+pytest_plugins = ["tests.mypy_beside"]
+
 
 @dataclass(frozen=True)
 class Cluster:
