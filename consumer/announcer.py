@@ -93,7 +93,12 @@ class Announcer:
             self._task.cancel()
 
     async def stopped(self) -> None:
-        """The last NodeInfo: this node is gone (best effort; the caller bounds it)."""
+        """The last NodeInfo: this node is gone (best effort; the caller bounds it). The loop
+        is over first, so no later `draining` can land after it."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         self._enter(NodeState.STOPPED)
         await self.emitter.node_info(await self.node_info(NodeState.STOPPED))
 
@@ -105,8 +110,13 @@ class Announcer:
                 await self.emitter.node_info(await self.node_info(now))
             except Exception as exc:
                 log.warning("node info not sent: %s", exc)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._now.wait(), self.interval_s)
+            # asyncio.wait, not wait_for: on Python 3.11 wait_for can swallow a cancel that
+            # lands as the wait ends, and the loop would outlive its node.
+            poked = asyncio.ensure_future(self._now.wait())
+            try:
+                await asyncio.wait({poked}, timeout=self.interval_s)
+            finally:
+                poked.cancel()
             self._now.clear()
 
     def _enter(self, state: NodeState) -> None:

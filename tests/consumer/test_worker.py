@@ -263,10 +263,16 @@ async def test_ops_endpoints_and_node_heartbeats(
         "i2v_requeues_total",
     ):
         assert name.encode() in body, name
-    status, body = await asyncio.to_thread(_get, f"{worker.ops_url}/info")
-    info = as_json(body)
+    # Ready comes before the group's first assignment (the local broker assigns about half a
+    # session timeout after the join): then the only member claims from every partition.
+    deadline = time.monotonic() + 30
+    while True:
+        status, body = await asyncio.to_thread(_get, f"{worker.ops_url}/info")
+        info = as_json(body)
+        if info["requests_partitions"] or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
     assert (status, info["node_id"], info["engine_alive"]) == (200, "test-node-1", True)
-    # The only member of its groups: it claims from, and reaps, every partition.
     assert info["requests_partitions"] == [0, 1]
     assert info["reaper"]["status_partitions"] == [0, 1]
     assert "secret" not in body.decode().lower()
