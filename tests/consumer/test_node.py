@@ -24,6 +24,7 @@ from i2v_fleet.consumer.settings import WorkerSettings
 from i2v_fleet.producer_sdk.cli.monitor import Alerts, NodeTrack, memory_pct, poll
 from i2v_fleet.producer_sdk.settings import ObjectStoreSettings
 from i2v_fleet.schemas import JobRequest, SucceededEvent
+from tests.fleet.harness import cheap_job
 
 from .inprocess import (
     cancel,
@@ -47,20 +48,8 @@ AS_JSON = TypeAdapter(dict[str, Any]).validate_json
 
 
 def _job(**fields: Any) -> JobRequest:
-    """The smallest job: 5 frames at 480x832, 2 steps."""
-    base: dict[str, Any] = {
-        "job_id": str(uuid.uuid4()),
-        "prompt": "she smiles",
-        "image": {"base64": base64.b64encode(PHOTO.read_bytes()).decode()},
-        "image_size": "480*832",
-        "num_frames": 5,
-        "quality_preset": "custom",
-        "infer_steps": 2,
-        "guidance_scale": 2.0,
-        "seed": 1,
-        "metadata": {"suite": "node"},
-    }
-    return JobRequest.model_validate({**base, **fields})
+    """The smallest job (the fleet suite's), tagged as this suite's."""
+    return cheap_job(**{"metadata": {"suite": "node"}, **fields})
 
 
 def _denoising(broker: MemoryBroker, job: JobRequest) -> bool:
